@@ -1,0 +1,17 @@
+"""Fused RIN kernels: cross-attention and the read/write blocks.
+
+    import kernels
+    o = kernels.cross_attention(q, k, v, implementation="xla")
+    z = kernels.read_block(z, x, kernels.ReadBlockParams(...), num_heads=8)
+    x = kernels.write_block(x, z, kernels.WriteBlockParams(...), num_heads=8)
+"""
+from kernels.api import (IMPLEMENTATIONS, available_implementations, cross_attention,
+                         default_implementation, read_block, resolve_implementation,
+                         write_block)
+from kernels.params import ReadBlockParams, WriteBlockParams
+
+__all__ = [
+    "IMPLEMENTATIONS", "available_implementations", "cross_attention",
+    "default_implementation", "read_block", "resolve_implementation", "write_block",
+    "ReadBlockParams", "WriteBlockParams",
+]

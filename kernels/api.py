@@ -1,0 +1,215 @@
+"""Public ops: argument checks, then dispatch to one implementation.
+
+Implementations:
+  "xla"        pure jax.numpy (kernels/reference.py); runs anywhere, the default on CPU.
+  "pallas_tpu" Pallas kernels lowered through Mosaic (kernels/pallas_tpu/); default on TPU.
+  "triton"     Triton kernels called through jax-triton (kernels/triton_gpu/); default on GPU.
+
+`implementation=None` picks the platform default. `interpret=True` runs a kernel
+implementation in its interpreter on CPU (it has no effect on "xla"). An
+implementation that is known but not importable here raises instead of silently
+running the reference.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from kernels import reference
+from kernels.params import ReadBlockParams, WriteBlockParams
+
+# name -> module implementing cross_attention / read_block / write_block.
+_BACKEND_MODULES = {
+    "xla": "kernels.reference",
+    "pallas_tpu": "kernels.pallas_tpu",
+    "triton": "kernels.triton_gpu",
+}
+IMPLEMENTATIONS = tuple(_BACKEND_MODULES)
+_PLATFORM_DEFAULT = {"tpu": "pallas_tpu", "gpu": "triton", "cuda": "triton"}
+
+
+def _backend(name: str):
+  """Returns the module implementing `name`, with a clear error if it can't."""
+  if name not in _BACKEND_MODULES:
+    raise ValueError(f"implementation={name!r} is unknown; expected one of "
+                     f"{IMPLEMENTATIONS} or None (platform default)")
+  try:
+    return importlib.import_module(_BACKEND_MODULES[name])
+  except ImportError as e:
+    raise NotImplementedError(
+        f"implementation={name!r} is not available here: {e}") from e
+
+
+def available_implementations() -> tuple[str, ...]:
+  """Implementations whose module imports in this environment."""
+  out = []
+  for name in IMPLEMENTATIONS:
+    try:
+      _backend(name)
+      out.append(name)
+    except NotImplementedError:
+      pass
+  return tuple(out)
+
+
+def default_implementation(platform: str | None = None) -> str:
+  """The implementation `implementation=None` resolves to on `platform`."""
+  platform = platform or jax.default_backend()
+  name = _PLATFORM_DEFAULT.get(platform, "xla")
+  if name != "xla":
+    try:
+      _backend(name)
+    except NotImplementedError as e:
+      logging.warning("default implementation %r for platform %r is not "
+                      "available (%s); using 'xla'", name, platform, e)
+      name = "xla"
+  return name
+
+
+def resolve_implementation(implementation: str | None) -> str:
+  if implementation is None:
+    return default_implementation()
+  _backend(implementation)  # validates the name and importability
+  return implementation
+
+
+# ----------------------------------------------------------------------------
+# Argument checks: one place, shared by every implementation.
+# ----------------------------------------------------------------------------
+
+def _check_float(name: str, x) -> None:
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(f"{name} must be a floating-point array, got dtype {x.dtype}")
+
+
+def _check_attention_args(q, k, v) -> None:
+  for name, x in (("q", q), ("k", k), ("v", v)):
+    if x.ndim != 4:
+      raise ValueError(f"{name} must have rank 4 [batch, seq, heads, head_dim], "
+                       f"got shape {x.shape}")
+    _check_float(name, x)
+    if x.shape[1] < 1:
+      raise ValueError(f"{name} must have a sequence length >= 1, got shape {x.shape}")
+  if not (q.dtype == k.dtype == v.dtype):
+    raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+  if k.shape != v.shape:
+    raise ValueError(f"k and v must have the same shape, got {k.shape} and {v.shape}")
+  if q.shape[0] != k.shape[0]:
+    raise ValueError(f"q and k must have the same batch size, got {q.shape[0]} and {k.shape[0]}")
+  if q.shape[2] != k.shape[2]:
+    raise ValueError(f"q and k must have the same number of heads, got {q.shape[2]} and {k.shape[2]}")
+  if q.shape[3] != k.shape[3]:
+    raise ValueError(f"q and k must have the same head_dim, got {q.shape[3]} and {k.shape[3]}")
+
+
+def _expect_shape(what: str, x, shape) -> None:
+  if x is None or tuple(x.shape) != tuple(shape):
+    got = None if x is None else tuple(x.shape)
+    raise ValueError(f"{what} must have shape {tuple(shape)}, got {got}")
+
+
+def _check_block_args(direction: str, q_src, kv_src, p, num_heads: int) -> None:
+  """q_src: [B, Lq, Cq] (queries' source), kv_src: [B, Lk, Ckv]."""
+  qn, kvn = ("z", "x") if direction == "read" else ("x", "z")
+  for name, a in ((qn, q_src), (kvn, kv_src)):
+    if a.ndim != 3:
+      raise ValueError(f"{direction}_block: {name} must have rank 3 [batch, seq, "
+                       f"features], got shape {a.shape}")
+    _check_float(name, a)
+  if q_src.shape[0] != kv_src.shape[0]:
+    raise ValueError(f"{direction}_block: {qn} and {kvn} must have the same batch "
+                     f"size, got {q_src.shape[0]} and {kv_src.shape[0]}")
+  if q_src.dtype != kv_src.dtype:
+    raise TypeError(f"{direction}_block: {qn} and {kvn} must share one dtype, "
+                    f"got {q_src.dtype} and {kv_src.dtype}")
+  cq, ckv = q_src.shape[-1], kv_src.shape[-1]
+  if p.wq.ndim != 2:
+    raise ValueError(f"{direction}_block: params.wq must be a matrix, got {p.wq.shape}")
+  width = p.wq.shape[1]
+  if num_heads < 1 or width % num_heads:
+    raise ValueError(f"{direction}_block: num_heads={num_heads} must divide the "
+                     f"attention width {width}")
+  pre = f"{direction}_block: params"
+  _expect_shape(f"{pre}.ln_scale", p.ln_scale, (cq,))
+  _expect_shape(f"{pre}.ln_bias", p.ln_bias, (cq,))
+  _expect_shape(f"{pre}.wq", p.wq, (cq, width))
+  _expect_shape(f"{pre}.bq", p.bq, (width,))
+  _expect_shape(f"{pre}.wk", p.wk, (ckv, width))
+  _expect_shape(f"{pre}.bk", p.bk, (width,))
+  _expect_shape(f"{pre}.wv", p.wv, (ckv, width))
+  _expect_shape(f"{pre}.bv", p.bv, (width,))
+  _expect_shape(f"{pre}.wo", p.wo, (width, cq))
+  _expect_shape(f"{pre}.bo", p.bo, (cq,))
+  if isinstance(p, WriteBlockParams) and p.w1 is not None:
+    hidden = p.w1.shape[-1]
+    _expect_shape(f"{pre}.mlp_ln_scale", p.mlp_ln_scale, (cq,))
+    _expect_shape(f"{pre}.mlp_ln_bias", p.mlp_ln_bias, (cq,))
+    _expect_shape(f"{pre}.w1", p.w1, (cq, hidden))
+    _expect_shape(f"{pre}.b1", p.b1, (hidden,))
+    _expect_shape(f"{pre}.w2", p.w2, (hidden, cq))
+    _expect_shape(f"{pre}.b2", p.b2, (cq,))
+
+
+# ----------------------------------------------------------------------------
+# Public ops.
+# ----------------------------------------------------------------------------
+
+def cross_attention(q, k, v, *, implementation: str | None = None,
+                    interpret: bool = False, block_sizes: Any = None,
+                    scale: float | None = None):
+  """softmax(q k^T / sqrt(head_dim)) v.
+
+  Args:
+    q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, heads, head_dim].
+    implementation: "xla", "pallas_tpu", "triton" or None (platform default).
+    interpret: run a kernel implementation in its interpreter (CPU testing).
+    block_sizes: implementation-specific tiling (None: tuned defaults).
+    scale: score scale, default 1/sqrt(head_dim).
+  Returns:
+    [batch, q_len, heads, head_dim] in q's dtype.
+  """
+  _check_attention_args(q, k, v)
+  name = resolve_implementation(implementation)
+  if name == "xla":
+    return reference.cross_attention(q, k, v, scale=scale)
+  return _backend(name).cross_attention(q, k, v, scale=scale, interpret=interpret,
+                                        block_sizes=block_sizes)
+
+
+def read_block(z, x, params: ReadBlockParams, *, num_heads: int,
+               implementation: str | None = None, interpret: bool = False,
+               block_sizes: Any = None):
+  """Fused read: z + OutProj(MHA(q=QProj(LN(z)), kv=KVProj(x))).
+
+  z: latents [B, M, D]; x: interface [B, N, T]. Returns [B, M, D] in z's dtype.
+  """
+  if not isinstance(params, ReadBlockParams):
+    raise TypeError(f"read_block: params must be ReadBlockParams, got {type(params).__name__}")
+  _check_block_args("read", z, x, params, num_heads)
+  name = resolve_implementation(implementation)
+  if name == "xla":
+    return reference.read_block(z, x, params, num_heads=num_heads)
+  return _backend(name).read_block(z, x, params, num_heads=num_heads,
+                                   interpret=interpret, block_sizes=block_sizes)
+
+
+def write_block(x, z, params: WriteBlockParams, *, num_heads: int,
+                implementation: str | None = None, interpret: bool = False,
+                block_sizes: Any = None):
+  """Fused write: y = x + OutProj(MHA(q=QProj(LN(x)), kv=KVProj(z)));
+  then y + MLP(LN(y)) when params carry an MLP.
+
+  x: interface [B, N, T]; z: latents [B, M, D]. Returns [B, N, T] in x's dtype.
+  """
+  if not isinstance(params, WriteBlockParams):
+    raise TypeError(f"write_block: params must be WriteBlockParams, got {type(params).__name__}")
+  _check_block_args("write", x, z, params, num_heads)
+  name = resolve_implementation(implementation)
+  if name == "xla":
+    return reference.write_block(x, z, params, num_heads=num_heads)
+  return _backend(name).write_block(x, z, params, num_heads=num_heads,
+                                    interpret=interpret, block_sizes=block_sizes)

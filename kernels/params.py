@@ -1,0 +1,51 @@
+"""Parameter containers of the fused blocks (pytrees, so they pass through jit/grad).
+
+Shapes, with A the attention width (= heads * head_dim) and F the MLP width:
+
+  ReadBlockParams   (queries: latents of width D, keys/values: interface of width T)
+    ln_scale, ln_bias [D]; wq [D, A]; bq [A]; wk, wv [T, A]; bk, bv [A]; wo [A, D]; bo [D]
+  WriteBlockParams  (queries: interface of width T, keys/values: latents of width D)
+    ln_scale, ln_bias [T]; wq [T, A]; bq [A]; wk, wv [D, A]; bk, bv [A]; wo [A, T]; bo [T]
+    mlp_ln_scale, mlp_ln_bias [T]; w1 [T, F]; b1 [F]; w2 [F, T]; b2 [T]   (all None: no MLP)
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import jax
+
+
+class ReadBlockParams(NamedTuple):
+  ln_scale: jax.Array
+  ln_bias: jax.Array
+  wq: jax.Array
+  bq: jax.Array
+  wk: jax.Array
+  bk: jax.Array
+  wv: jax.Array
+  bv: jax.Array
+  wo: jax.Array
+  bo: jax.Array
+
+
+class WriteBlockParams(NamedTuple):
+  ln_scale: jax.Array
+  ln_bias: jax.Array
+  wq: jax.Array
+  bq: jax.Array
+  wk: jax.Array
+  bk: jax.Array
+  wv: jax.Array
+  bv: jax.Array
+  wo: jax.Array
+  bo: jax.Array
+  mlp_ln_scale: Optional[jax.Array] = None
+  mlp_ln_bias: Optional[jax.Array] = None
+  w1: Optional[jax.Array] = None
+  b1: Optional[jax.Array] = None
+  w2: Optional[jax.Array] = None
+  b2: Optional[jax.Array] = None
+
+  @property
+  def has_mlp(self) -> bool:
+    return self.w1 is not None

@@ -1,0 +1,97 @@
+"""Pure jax.numpy reference for every op: the test oracle and the CPU fallback.
+
+Everything here is written for clarity, not speed. Arithmetic runs in float32
+(or float64 when the inputs are float64, which is how the tests build their
+oracle) and results are cast back to the input dtype. Every fast path in
+`kernels/` is tested against these functions.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from kernels.params import ReadBlockParams, WriteBlockParams
+
+LN_EPS = 1e-6
+
+
+def compute_dtype(dtype) -> jnp.dtype:
+  """float32 for low-precision inputs, float64 stays float64."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def layer_norm(x, scale, bias, eps: float = LN_EPS):
+  """Pre-norm LayerNorm over the last axis (two-pass variance, eps 1e-6)."""
+  cdt = compute_dtype(x.dtype)
+  x = x.astype(cdt)
+  mean = jnp.mean(x, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+  y = (x - mean) * jax.lax.rsqrt(var + eps)
+  return y * scale.astype(cdt) + bias.astype(cdt)
+
+
+def gelu(x):
+  """Exact (erf) GELU, as the authors' code uses."""
+  return jax.nn.gelu(x, approximate=False)
+
+
+def dense(x, w, b):
+  cdt = compute_dtype(x.dtype)
+  y = jnp.einsum("...i,io->...o", x.astype(cdt), w.astype(cdt),
+                 precision=jax.lax.Precision.HIGHEST)
+  return y + b.astype(cdt)
+
+
+def cross_attention(q, k, v, *, scale: float | None = None):
+  """softmax(q k^T * scale) v, layout [batch, seq, heads, head_dim].
+
+  Returns the input dtype; accumulates in float32 (float64 for float64).
+  """
+  head_dim = q.shape[-1]
+  scale = head_dim ** -0.5 if scale is None else scale
+  cdt = compute_dtype(q.dtype)
+  s = jnp.einsum("bqhd,bkhd->bhqk", q.astype(cdt), k.astype(cdt),
+                 precision=jax.lax.Precision.HIGHEST) * scale
+  p = jax.nn.softmax(s, axis=-1)
+  o = jnp.einsum("bhqk,bkhd->bqhd", p, v.astype(cdt),
+                 precision=jax.lax.Precision.HIGHEST)
+  return o.astype(q.dtype)
+
+
+def _split_heads(x, num_heads):
+  return x.reshape(*x.shape[:-1], num_heads, x.shape[-1] // num_heads)
+
+
+def _merge_heads(x):
+  return x.reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1])
+
+
+def attention_block(x_q, x_kv, p, *, num_heads: int):
+  """Residual MHA with pre-norm on the queries only: x_q + MHA(LN(x_q), x_kv).
+
+  Shared by the read block (queries = latents, kv = interface) and the write
+  block (queries = interface, kv = latents). Keys/values are projected from the
+  raw source with no LayerNorm, as in the authors' code.
+  """
+  cdt = compute_dtype(x_q.dtype)
+  h = layer_norm(x_q, p.ln_scale, p.ln_bias)
+  q = _split_heads(dense(h, p.wq, p.bq), num_heads)
+  k = _split_heads(dense(x_kv, p.wk, p.bk), num_heads)
+  v = _split_heads(dense(x_kv, p.wv, p.bv), num_heads)
+  o = cross_attention(q, k, v)
+  return x_q.astype(cdt) + dense(_merge_heads(o), p.wo, p.bo)
+
+
+def read_block(z, x, p: ReadBlockParams, *, num_heads: int):
+  """Read: latents z [B, M, D] attend to the interface x [B, N, T]."""
+  return attention_block(z, x, p, num_heads=num_heads).astype(z.dtype)
+
+
+def write_block(x, z, p: WriteBlockParams, *, num_heads: int):
+  """Write: interface x [B, N, T] attends to latents z [B, M, D], then the
+  interface MLP (skipped when `p.w1 is None`)."""
+  y = attention_block(x, z, p, num_heads=num_heads)
+  if p.w1 is not None:
+    h = layer_norm(y, p.mlp_ln_scale, p.mlp_ln_bias)
+    y = y + dense(gelu(dense(h, p.w1, p.b1)), p.w2, p.b2)
+  return y.astype(x.dtype)

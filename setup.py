@@ -1,0 +1,31 @@
+"""RIN in JAX: fused kernels (Pallas TPU, Triton GPU) and the full diffusion model."""
+from setuptools import find_packages, setup
+
+setup(
+    name="rin-jax",
+    version="0.1.0",
+    description="Recurrent Interface Networks in JAX with fused read/write kernels",
+    python_requires=">=3.12",
+    packages=find_packages(include=["kernels", "kernels.*", "rin", "rin.*", "bench", "bench.*"]),
+    install_requires=[
+        "jax>=0.11.2",
+        "flax>=0.12",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.12",
+        "ml_collections>=1.0",
+        "absl-py",
+        "numpy",
+        "tqdm",
+        "pillow",
+        "scikit-learn",   # ships the embedded digits data set
+        "grain>=0.2.10",
+        "tensorboardX",
+        "matplotlib",
+        "scipy",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-xdist", "hypothesis"],
+        "gpu": ["jax-triton", "triton"],
+        "bench": ["rin-pytorch"],
+    },
+)
