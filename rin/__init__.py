@@ -1,0 +1,4 @@
+"""RIN diffusion model built on the fused kernels in `kernels`."""
+from rin.model import RIN
+
+__all__ = ["RIN"]

@@ -1,0 +1,24 @@
+"""Small default: sklearn's embedded 8x8 digits upscaled to 16x16; trains on 2 CPU cores in minutes."""
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.model = dict(
+      image_size=16, channels=1, patch_size=2,
+      num_latents=32, latent_dim=128, latent_heads=4, latent_mlp_ratio=2.0,
+      num_blocks=2, latent_layers_per_block=2,
+      interface_dim=64, interface_mlp_ratio=2.0, rw_heads=4,
+      num_classes=10, self_cond_mlp_ratio=2.0, dropout=0.0, drop_path=0.0)
+  c.diffusion = dict(
+      train_schedule="sigmoid@-3,3,0.9", sample_schedule="cosine", target="eps",
+      self_cond_rate=0.9, sampler="ddim", sample_steps=50)
+  c.optim = dict(
+      learning_rate=2e-3, warmup_steps=200, decay_fraction=1.0,
+      b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2, grad_clip=1.0, ema_decay=0.999)
+  c.train = dict(
+      batch_size=64, num_steps=3000, seed=0, log_every=50,
+      checkpoint_every=500, sample_every=1000, num_sample_images=64,
+      sample_steps_during_training=50, implementation="", dtype="float32")
+  c.data = dict(name="digits", path="", random_flip=False)
+  return c
