@@ -1,0 +1,14 @@
+"""Pallas TPU (Mosaic) implementation of the RIN kernels: `implementation="pallas_tpu"`.
+
+  cross_attention  -> attention.py    (flash attention, read and write directions)
+  read_block       -> read_block.py   (LN + q-proj, interface K/V projection fused
+                                       with the attention, out-proj + residual)
+  write_block      -> write_block.py  (LN, q-proj, attention, out-proj, residual,
+                                       LN, MLP, residual per interface tile)
+
+Every op has a jax.custom_vjp whose backward is also Pallas kernels. `interpret=True`
+(or a `pltpu.InterpretParams`) runs the same kernels in Pallas' interpreter on CPU.
+"""
+from kernels.pallas_tpu.attention import AttentionBlockSizes, cross_attention
+
+__all__ = ["AttentionBlockSizes", "cross_attention"]

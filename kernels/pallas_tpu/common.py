@@ -1,0 +1,125 @@
+"""Helpers shared by the Pallas TPU kernels: padding, matmuls, VMEM accounting."""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas import tpu as pltpu
+
+# Scoped-VMEM limit requested from Mosaic and the budget the block-size check
+# enforces. 64 MiB fits every TPU generation from v4 on (v7x has 64 MiB per
+# TensorCore; v5e/v6e 128 MiB); the kernels' estimates include double buffering.
+VMEM_LIMIT_BYTES = 64 * 1024 * 1024
+# Finite "minus infinity" for masked scores: exp(NEG - m) == 0 and NEG - NEG == 0
+# (never NaN), unlike -inf.
+NEG = -1e30
+LN_EPS = 1e-6
+
+
+def cdiv(a: int, b: int) -> int:
+  return -(-a // b)
+
+
+def round_up(a: int, b: int) -> int:
+  return cdiv(a, b) * b
+
+
+def pad_axis(x, axis: int, size: int):
+  """Zero-pads `x` along `axis` up to `size` (no-op when already that size)."""
+  extra = size - x.shape[axis]
+  if extra == 0:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, extra)
+  return jnp.pad(x, widths)
+
+
+def padded_head_dim(d: int) -> int:
+  """Head dims <= 128 are used as they are (a block equal to the full array dim is
+  legal); larger ones are zero-padded to a multiple of 128 (the lane width)."""
+  return d if d <= 128 else round_up(d, 128)
+
+
+def mm(a, b, dtype):
+  """a @ b with operands in `dtype` and float32 accumulation."""
+  return jax.lax.dot_general(a.astype(dtype), b.astype(dtype), (((1,), (0,)), ((), ())),
+                             preferred_element_type=jnp.float32)
+
+
+def mm_nt(a, b, dtype):
+  """a @ b.T (contract the last dims)."""
+  return jax.lax.dot_general(a.astype(dtype), b.astype(dtype), (((1,), (1,)), ((), ())),
+                             preferred_element_type=jnp.float32)
+
+
+def mm_tn(a, b, dtype):
+  """a.T @ b (contract the first dims)."""
+  return jax.lax.dot_general(a.astype(dtype), b.astype(dtype), (((0,), (0,)), ((), ())),
+                             preferred_element_type=jnp.float32)
+
+
+def layer_norm_fwd(x, scale, bias):
+  """x [n, C] float32 -> (y, xhat, rstd), two-pass variance like the reference."""
+  mean = jnp.mean(x, axis=-1, keepdims=True)
+  xc = x - mean
+  var = jnp.mean(xc * xc, axis=-1, keepdims=True)
+  rstd = jax.lax.rsqrt(var + LN_EPS)
+  xhat = xc * rstd
+  return xhat * scale + bias, xhat, rstd
+
+
+def layer_norm_bwd(dy, xhat, rstd, scale):
+  """Returns (dx, dscale_rows, dbias_rows) for y = xhat * scale + bias.
+
+  dscale/dbias are summed over the rows of this tile ([1, C])."""
+  dxhat = dy * scale
+  c = xhat.shape[-1]
+  dx = rstd * (dxhat - jnp.sum(dxhat, -1, keepdims=True) / c
+               - xhat * (jnp.sum(dxhat * xhat, -1, keepdims=True) / c))
+  return dx, jnp.sum(dy * xhat, 0, keepdims=True), jnp.sum(dy, 0, keepdims=True)
+
+
+def gelu(x):
+  """Exact (erf) GELU."""
+  return 0.5 * x * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))))
+
+
+def gelu_grad(x):
+  cdf = 0.5 * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))))
+  pdf = jnp.exp(-0.5 * x * x) * (1.0 / math.sqrt(2.0 * math.pi))
+  return cdf + x * pdf
+
+
+def vmem_bytes(shape, dtype) -> int:
+  """Bytes a VMEM buffer of `shape` occupies with TPU (sublane, 128-lane) tiling."""
+  shape = tuple(shape)
+  itemsize = jnp.dtype(dtype).itemsize
+  if len(shape) == 0:
+    return 4
+  if len(shape) == 1:
+    shape = (1,) + shape
+  sub = 8 * max(1, 4 // itemsize)
+  lead = math.prod(shape[:-2])
+  return lead * round_up(shape[-2], sub) * round_up(shape[-1], 128) * itemsize
+
+
+def check_vmem(kernel: str, estimate: int, block_sizes, budget: int = VMEM_LIMIT_BYTES):
+  if estimate > budget:
+    raise ValueError(
+        f"{kernel}: block_sizes={block_sizes} need about {estimate / 2**20:.1f} MiB of "
+        f"VMEM (double-buffered blocks, scratch and temporaries), more than the "
+        f"{budget / 2**20:.0f} MiB budget; choose smaller blocks")
+
+
+def compiler_params(*semantics: str):
+  return pltpu.CompilerParams(dimension_semantics=tuple(semantics),
+                              vmem_limit_bytes=VMEM_LIMIT_BYTES)
+
+
+def check_block(name: str, value: int, multiple: int, block_sizes) -> None:
+  if value is None:
+    return
+  if not isinstance(value, int) or value < 1 or value % multiple:
+    raise ValueError(f"block_sizes.{name}={value!r} must be a positive multiple of "
+                     f"{multiple} (TPU blocks tile (8, 128)); got {block_sizes}")
