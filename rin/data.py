@@ -460,6 +460,11 @@ def make_train_iterator(dataset: ImageDataset, *, batch_size: int, seed: int,
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(num_threads),
                                                prefetch_buffer_size=int(prefetch_buffer_size)))
   if worker_count > 0:
+    # grain's worker processes read absl flags; outside an absl app (notebooks,
+    # pytest) they are unparsed, so accept their defaults instead of crashing.
+    from absl import flags
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(worker_count)))
   pipeline = {
       "num_examples": n, "image_shape": list(dataset.image_shape),
