@@ -59,7 +59,14 @@ def main(argv=None):
     # don't let the first one grab most of its memory.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     _drop_source_tree_from_path()
-    import pytest
+    try:
+        import jax  # noqa: F401  (the project's core dependency: proves the venv)
+        import pytest
+    except ImportError as e:
+        raise SystemExit(
+            f"bazel_pytest_main: {sys.executable} is not the project's venv python ({e}). Run Bazel "
+            "with the project's venv python: bazel test --python_path=$PWD/.venv/bin/python "
+            "//... (or .ci/bazel_test.sh)") from e
 
     return pytest.main(_pytest_args(argv))
 
