@@ -1,0 +1,184 @@
+"""Block sizes and launch parameters for the Triton kernels, with budget checks.
+
+`BlockSizes` is what callers pass as `block_sizes=` (every field optional; None
+means: the autotune table's entry for this shape, else the heuristic below).
+
+Heuristics (H100/H200 have 132 SMs; we aim for >= 2 programs per SM):
+  * attention query/key tiles of 64 (16..64 for tiny lengths), head dim padded to
+    a power of two >= 16;
+  * read direction (few queries, many keys): the key axis is split over
+    `kv_splits` programs until q_blocks * batch * heads * splits >= 264;
+    partial (o, lse) are merged by a combine kernel. The dQ backward is split the
+    same way; dK/dV splits the query axis when keys are few (write direction).
+  * token-wise matmuls: 64 x 64 output tiles, K steps of 32.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from kernels.triton_gpu import autotune_table
+
+TARGET_PROGRAMS = 264  # 2 x 132 SMs
+SMEM_LIMIT_BYTES = {"sm_90": 227 * 1024, "sm_80": 163 * 1024}  # per-block opt-in max
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Optional overrides; None = autotune table / heuristic."""
+  block_q: int | None = None        # attention forward / dQ query tile
+  block_kv: int | None = None       # attention forward / dQ key tile
+  kv_splits: int | None = None      # forward and dQ split of the key axis
+  block_q_bwd: int | None = None    # dK/dV pass query tile
+  block_kv_bwd: int | None = None   # dK/dV pass key tile
+  q_splits_bwd: int | None = None   # dK/dV split of the query axis
+  block_rows: int | None = None     # token-wise matmul row tile
+  block_cols: int | None = None     # token-wise matmul output-column tile
+  block_k: int | None = None        # token-wise matmul reduction step
+  num_warps: int | None = None
+  num_stages: int | None = None
+
+
+def next_pow2(n: int) -> int:
+  return 1 << max(0, int(n - 1).bit_length())
+
+
+def cdiv(a: int, b: int) -> int:
+  return -(-a // b)
+
+
+def _tile(n: int, cap: int) -> int:
+  return min(cap, max(16, next_pow2(n)))
+
+
+def as_block_sizes(bs: Any) -> BlockSizes:
+  if bs is None:
+    return BlockSizes()
+  if isinstance(bs, BlockSizes):
+    return bs
+  if isinstance(bs, dict):
+    unknown = set(bs) - {f.name for f in dataclasses.fields(BlockSizes)}
+    if unknown:
+      raise ValueError(f"block_sizes has unknown fields {sorted(unknown)}; "
+                       f"expected fields of kernels.triton_gpu.BlockSizes")
+    return BlockSizes(**bs)
+  raise TypeError(f"block_sizes must be a kernels.triton_gpu.BlockSizes, a dict or None, "
+                  f"got {type(bs).__name__}")
+
+
+def _check_tile(name: str, v: int) -> None:
+  if v < 16 or v & (v - 1):
+    raise ValueError(f"block_sizes.{name}={v} must be a power of two >= 16 (tl.dot's "
+                     "minimum tile)")
+
+
+def _pick(user, table: dict, key: str, default):
+  if user is not None:
+    return user
+  return table.get(key, default)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionPlan:
+  d_pad: int
+  block_q: int
+  block_kv: int
+  kv_splits: int
+  split_len: int          # keys per forward/dQ split (multiple of block_kv)
+  block_q_bwd: int
+  block_kv_bwd: int
+  q_splits_bwd: int
+  q_split_len_bwd: int    # queries per dK/dV split
+  num_warps: int
+  num_stages: int
+
+
+def attention_plan(b: int, lq: int, lk: int, h: int, dh: int, dtype_name: str,
+                   bs: Any = None) -> AttentionPlan:
+  bs = as_block_sizes(bs)
+  tab = autotune_table.TABLE.get(f"attn:{lq}x{lk}x{dh}:{dtype_name}", {})
+  d_pad = max(16, next_pow2(dh))
+  if d_pad > 256:
+    raise ValueError(f"triton attention: head_dim={dh} is above the supported 256")
+  block_q = _pick(bs.block_q, tab, "block_q", _tile(lq, 64))
+  block_kv = _pick(bs.block_kv, tab, "block_kv", _tile(lk, 64))
+  block_q_bwd = _pick(bs.block_q_bwd, tab, "block_q_bwd", _tile(lq, 64))
+  block_kv_bwd = _pick(bs.block_kv_bwd, tab, "block_kv_bwd", _tile(lk, 64))
+  for name, v in (("block_q", block_q), ("block_kv", block_kv),
+                  ("block_q_bwd", block_q_bwd), ("block_kv_bwd", block_kv_bwd)):
+    _check_tile(name, v)
+  num_warps = _pick(bs.num_warps, tab, "num_warps", 4)
+  num_stages = _pick(bs.num_stages, tab, "num_stages", 2)
+
+  # Forward / dQ: split the key axis when query tiles alone leave SMs idle.
+  kv_blocks = cdiv(lk, block_kv)
+  base = cdiv(lq, block_q) * b * h
+  splits = _pick(bs.kv_splits, tab, "kv_splits", max(1, cdiv(TARGET_PROGRAMS, base)))
+  if splits < 1:
+    raise ValueError(f"block_sizes.kv_splits={splits} must be >= 1")
+  splits = min(splits, kv_blocks)
+  split_len = cdiv(kv_blocks, splits) * block_kv
+  splits = cdiv(lk, split_len)
+  # dK/dV: split the query axis when key tiles alone leave SMs idle (write direction).
+  q_blocks = cdiv(lq, block_q_bwd)
+  base_bwd = cdiv(lk, block_kv_bwd) * b * h
+  qs = _pick(bs.q_splits_bwd, tab, "q_splits_bwd", max(1, cdiv(TARGET_PROGRAMS, base_bwd)))
+  if qs < 1:
+    raise ValueError(f"block_sizes.q_splits_bwd={qs} must be >= 1")
+  qs = min(qs, q_blocks)
+  q_split_len = cdiv(q_blocks, qs) * block_q_bwd
+  qs = cdiv(lq, q_split_len)
+
+  itemsize = 4 if dtype_name == "float32" else 2
+  # K and V tiles per pipeline stage plus the resident Q tile (forward); dK/dV
+  # pass: Q and dO tiles per stage plus the resident K, V tiles.
+  fwd_smem = num_stages * 2 * block_kv * d_pad * itemsize + block_q * d_pad * itemsize
+  bwd_smem = (num_stages * 2 * block_q_bwd * d_pad * itemsize
+              + 2 * block_kv_bwd * d_pad * itemsize)
+  limit = min(SMEM_LIMIT_BYTES.values())
+  for what, need in (("forward", fwd_smem), ("backward", bwd_smem)):
+    if need > limit:
+      raise ValueError(
+          f"triton attention {what}: block sizes need ~{need} bytes of shared memory "
+          f"(> {limit}, the A100 per-block limit); lower block_q/block_kv or num_stages")
+  return AttentionPlan(d_pad, block_q, block_kv, splits, split_len, block_q_bwd,
+                       block_kv_bwd, qs, q_split_len, num_warps, num_stages)
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearPlan:
+  block_rows: int
+  block_cols: int
+  block_k: int
+  num_warps: int
+  num_stages: int
+
+
+def _row_bucket(r: int) -> int:
+  return next_pow2(r)
+
+
+def linear_plan(r: int, k: int, n: int, dtype_name: str, bs: Any = None) -> LinearPlan:
+  bs = as_block_sizes(bs)
+  tab = autotune_table.TABLE.get(f"linear:{_row_bucket(r)}x{k}x{n}:{dtype_name}", {})
+  block_rows = _pick(bs.block_rows, tab, "block_rows", _tile(r, 64))
+  block_cols = _pick(bs.block_cols, tab, "block_cols", _tile(n, 64))
+  block_k = _pick(bs.block_k, tab, "block_k", _tile(k, 32))
+  for name, v in (("block_rows", block_rows), ("block_cols", block_cols),
+                  ("block_k", block_k)):
+    _check_tile(name, v)
+  num_warps = _pick(bs.num_warps, tab, "num_warps", 4)
+  num_stages = _pick(bs.num_stages, tab, "num_stages", 2)
+  itemsize = 4 if dtype_name == "float32" else 2
+  need = num_stages * (block_rows + block_cols) * block_k * itemsize
+  limit = min(SMEM_LIMIT_BYTES.values())
+  if need > limit:
+    raise ValueError(f"triton linear: block sizes need ~{need} bytes of shared memory "
+                     f"(> {limit}); lower block_rows/block_cols/block_k or num_stages")
+  return LinearPlan(block_rows, block_cols, block_k, num_warps, num_stages)
+
+
+def ln_block_rows(c: int) -> int:
+  """Rows per program of the whole-row LayerNorm kernels (keeps tiles ~8K elements)."""
+  return max(1, min(64, 8192 // next_pow2(c)))
