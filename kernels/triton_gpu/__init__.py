@@ -1,0 +1,63 @@
+"""Triton GPU backend (`implementation="triton"`), called from JAX through jax-triton.
+
+Backend contract (see kernels/api.py):
+    cross_attention(q, k, v, *, scale, interpret, block_sizes)
+    read_block(z, x, p, *, num_heads, interpret, block_sizes)
+    write_block(x, z, p, *, num_heads, interpret, block_sizes)
+
+`interpret=True` runs exactly these `@triton.jit` kernels through Triton's
+interpreter on CPU (torch CPU tensors, via jax.pure_callback); no environment
+variable is needed (see launch.py). `block_sizes` takes a `BlockSizes` (or a dict
+of its fields); unset fields come from autotune_table.py, else config.py's
+heuristics.
+
+Modules: attention_kernels.py / linear_kernels.py (the Triton kernels),
+attention.py / linear.py (custom_vjp + vmap ops), blocks.py (read/write blocks),
+launch.py (jax-triton / interpreter glue), config.py + autotune_table.py
+(block sizes), tune.py (regenerates the table on a GPU), compile_report.py
+(sm_90 / sm_80 compile figures).
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from kernels.triton_gpu import attention as _attention
+from kernels.triton_gpu import blocks as _blocks
+from kernels.triton_gpu.config import BlockSizes
+
+_DTYPES = (jnp.float32, jnp.float16, jnp.bfloat16)
+
+
+def _check_dtype(what, dtype):
+  if jnp.dtype(dtype) not in [jnp.dtype(d) for d in _DTYPES]:
+    raise TypeError(f"implementation='triton': {what} must be float32, float16 or "
+                    f"bfloat16, got {jnp.dtype(dtype)}")
+
+
+def _check_head_dim(what, dh):
+  if dh > 256:
+    raise ValueError(f"implementation='triton': {what} head_dim={dh} must be <= 256")
+
+
+def cross_attention(q, k, v, *, scale=None, interpret=False, block_sizes=None):
+  _check_dtype("q", q.dtype)
+  _check_head_dim("cross_attention", q.shape[-1])
+  return _attention.cross_attention(q, k, v, scale=scale, interpret=interpret,
+                                    block_sizes=block_sizes)
+
+
+def read_block(z, x, p, *, num_heads, interpret=False, block_sizes=None):
+  _check_dtype("z", z.dtype)
+  _check_head_dim("read_block", p.wq.shape[1] // num_heads)
+  return _blocks.read_block(z, x, p, num_heads=num_heads, interpret=interpret,
+                            block_sizes=block_sizes)
+
+
+def write_block(x, z, p, *, num_heads, interpret=False, block_sizes=None):
+  _check_dtype("x", x.dtype)
+  _check_head_dim("write_block", p.wq.shape[1] // num_heads)
+  return _blocks.write_block(x, z, p, num_heads=num_heads, interpret=interpret,
+                             block_sizes=block_sizes)
+
+
+__all__ = ["BlockSizes", "cross_attention", "read_block", "write_block"]
