@@ -223,8 +223,12 @@ def save_image_grid(images, path: str) -> None:
 # ----------------------------------------------------------------------------
 
 def train(config: ConfigDict, workdir: str, *, implementation: str | None = None,
-          interpret: bool = False, progress: bool = True) -> TrainState:
-  """Trains (resuming from the latest checkpoint in `workdir` if any); returns the state."""
+          interpret: bool = False, progress: bool = True,
+          stop_after: int | None = None) -> TrainState:
+  """Trains (resuming from the latest checkpoint in `workdir` if any); returns the state.
+
+  stop_after: end this call after that many steps (as if killed), for resume tests.
+  """
   tc = config.train
   check_config_matches(workdir, config)
   dataset = data_lib.load_dataset(config.data.name, path=config.data.path or None,
@@ -252,7 +256,8 @@ def train(config: ConfigDict, workdir: str, *, implementation: str | None = None
   bar = tqdm(total=tc.num_steps, initial=start, disable=not progress, desc="train",
              dynamic_ncols=True)
   t_last, n_last = time.perf_counter(), 0
-  for step in range(start, tc.num_steps):
+  end = tc.num_steps if stop_after is None else min(tc.num_steps, start + stop_after)
+  for step in range(start, end):
     batch = next(iterator)
     state, metrics = step_fn(state, {"image": jnp.asarray(batch["image"]),
                                      "label": jnp.asarray(batch["label"])})
@@ -284,20 +289,22 @@ def train(config: ConfigDict, workdir: str, *, implementation: str | None = None
   return state
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", "rin/configs/digits.py",
-                                          "Path to a config file (get_config()).")
-_WORKDIR = flags.DEFINE_string("workdir", "runs/digits", "Checkpoints, metrics, samples.")
-_IMPL = flags.DEFINE_string("implementation", None,
-                            "Kernel implementation: xla, pallas_tpu, triton (default: "
-                            "config.train.implementation, else the platform default).")
-_INTERPRET = flags.DEFINE_bool("interpret", False, "Run kernels in their interpreter (CPU).")
+def main():
+  """CLI entry point; flags are defined here so importing rin.train defines none."""
+  config = config_flags.DEFINE_config_file("config", "rin/configs/digits.py",
+                                           "Path to a config file (get_config()).")
+  workdir = flags.DEFINE_string("workdir", "runs/digits", "Checkpoints, metrics, samples.")
+  impl = flags.DEFINE_string("implementation", None,
+                             "Kernel implementation: xla, pallas_tpu, triton (default: "
+                             "config.train.implementation, else the platform default).")
+  interpret = flags.DEFINE_bool("interpret", False, "Run kernels in their interpreter (CPU).")
 
+  def run(argv):
+    del argv
+    train(config.value, workdir.value, implementation=impl.value, interpret=interpret.value)
 
-def main(argv):
-  del argv
-  train(_CONFIG.value, _WORKDIR.value, implementation=_IMPL.value,
-        interpret=_INTERPRET.value)
+  app.run(run)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  main()

@@ -1,0 +1,79 @@
+"""Sampling: `python -m rin.sample --config rin/configs/digits.py --workdir runs/digits`.
+
+Loads the latest checkpoint's EMA weights from the workdir, draws `--num_samples`
+images (labels given with --label or drawn uniformly), writes a PNG grid and an .npz.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from rin import train as train_lib
+
+_CONFIG = config_flags.DEFINE_config_file("config", "rin/configs/digits.py", "Config file.")
+_WORKDIR = flags.DEFINE_string("workdir", "runs/digits", "Training workdir with checkpoints.")
+_OUT = flags.DEFINE_string("out", None, "Output prefix (default <workdir>/samples/final).")
+_NUM = flags.DEFINE_integer("num_samples", 64, "How many images.")
+_STEPS = flags.DEFINE_integer("steps", None, "Sampling steps (default config.diffusion.sample_steps).")
+_SAMPLER = flags.DEFINE_enum("sampler", None, ["ddim", "ddpm"], "Sampler (default from config).")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_LABEL = flags.DEFINE_integer("label", None, "Class label for all samples (default: uniform).")
+_BATCH = flags.DEFINE_integer("batch_size", 256, "Images per device call.")
+_IMPL = flags.DEFINE_string("implementation", None, "Kernel implementation.")
+_INTERPRET = flags.DEFINE_bool("interpret", False, "Run kernels in their interpreter.")
+
+
+def load_ema_params(config, workdir: str, model):
+  """EMA weights of the latest checkpoint in workdir (clear error when there is none)."""
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(ckpt_dir):
+    raise FileNotFoundError(f"no checkpoints in --workdir={workdir!r} ({ckpt_dir} is missing)")
+  train_lib.check_config_matches(workdir, config)
+  mngr = train_lib.checkpoint_manager(workdir, config)
+  if mngr.latest_step() is None:
+    raise FileNotFoundError(f"no checkpoint found in {ckpt_dir}")
+  abstract = jax.eval_shape(lambda: train_lib.init_state(config, model, jax.random.PRNGKey(0)))
+  state, _ = train_lib.restore_checkpoint(mngr, abstract)
+  logging.info("loaded step %d from %s", int(state.step), ckpt_dir)
+  return state.ema_params, int(state.step)
+
+
+def generate(config, params, model, *, num_samples: int, seed: int = 0, label=None,
+             num_steps=None, sampler=None, batch_size: int = 256):
+  """Returns (images [N,H,W,C] in [-1,1], labels [N])."""
+  sample_fn = train_lib.make_sample_fn(model, config, num_steps=num_steps, sampler=sampler)
+  rng = jax.random.PRNGKey(seed)
+  if label is not None:
+    if not 0 <= label < max(config.model.num_classes, 1):
+      raise ValueError(f"label={label} is outside [0, {config.model.num_classes})")
+    labels = jnp.full((num_samples,), label, jnp.int32)
+  else:
+    labels = train_lib.draw_labels(jax.random.fold_in(rng, 1), config, num_samples)
+  out = []
+  for i, s in enumerate(range(0, num_samples, batch_size)):
+    out.append(np.asarray(sample_fn(params, jax.random.fold_in(rng, 2 + i),
+                                    labels[s:s + batch_size])))
+  return np.concatenate(out), np.asarray(labels)
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  model = train_lib.create_model(config, implementation=_IMPL.value, interpret=_INTERPRET.value)
+  params, step = load_ema_params(config, _WORKDIR.value, model)
+  images, labels = generate(config, params, model, num_samples=_NUM.value, seed=_SEED.value,
+                            label=_LABEL.value, num_steps=_STEPS.value,
+                            sampler=_SAMPLER.value, batch_size=_BATCH.value)
+  out = _OUT.value or os.path.join(_WORKDIR.value, "samples", f"final_step{step}")
+  train_lib.save_image_grid(images, out + ".png")
+  np.savez(out + ".npz", images=images, labels=labels)
+  print(f"wrote {len(images)} samples to {out}.png and {out}.npz")
+
+
+if __name__ == "__main__":
+  app.run(main)

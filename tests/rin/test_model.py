@@ -1,0 +1,141 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import rin
+from rin import layers
+from rin.configs import cifar10, digits, imagenet64
+from tests.rin.tiny import tiny_config
+
+
+def _inputs(cfg, b=2, seed=0):
+  m = cfg.model
+  k = jax.random.PRNGKey(seed)
+  x = jax.random.normal(k, (b, m.image_size, m.image_size, m.channels))
+  return x, jnp.linspace(0.1, 0.9, b), jnp.arange(b, dtype=jnp.int32) % m.num_classes
+
+
+def _count(cfg):
+  model = rin.RIN(**cfg.model)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *_inputs(cfg)))
+  return sum(v.size for v in jax.tree.leaves(shapes))
+
+
+def test_cifar10_parameter_count_matches_published():
+  n = _count(cifar10.get_config())
+  assert abs(n - 30.95e6) / 30.95e6 < 0.005, n
+
+
+def test_imagenet64_parameter_count():
+  assert abs(_count(imagenet64.get_config()) - 157.8e6) / 157.8e6 < 0.005
+
+
+def test_forward_shapes_and_latents():
+  cfg = tiny_config()
+  model = rin.RIN(**cfg.model)
+  x, g, l = _inputs(cfg)
+  params = model.init(jax.random.PRNGKey(0), x, g, l)
+  out, z = model.apply(params, x, g, l)
+  assert out.shape == x.shape
+  assert z.shape == (2, cfg.model.num_latents, cfg.model.latent_dim)
+  assert np.all(np.isfinite(out))
+
+
+def test_self_conditioning_starts_at_zero_effect_then_matters():
+  cfg = tiny_config()
+  model = rin.RIN(**cfg.model)
+  x, g, l = _inputs(cfg)
+  params = model.init(jax.random.PRNGKey(0), x, g, l)
+  prev = jax.random.normal(jax.random.PRNGKey(5), (2, cfg.model.num_latents, cfg.model.latent_dim))
+  out0, _ = model.apply(params, x, g, l, None)
+  out1, _ = model.apply(params, x, g, l, prev)
+  # LN0 scale and bias start at 0: latents given or not, the output is the same.
+  np.testing.assert_allclose(out0, out1, atol=1e-6)
+  ln0 = params["params"]["self_cond_ln0"]
+  assert np.all(ln0["scale"] == 0) and np.all(ln0["bias"] == 0)
+  # Once LN0 is non-zero, the previous latents change the output.
+  p2 = jax.tree.map(lambda a: a, params)
+  p2["params"]["self_cond_ln0"] = {"scale": jnp.ones_like(ln0["scale"]), "bias": ln0["bias"]}
+  out2, _ = model.apply(p2, x, g, l, prev)
+  assert float(jnp.max(jnp.abs(out2 - out0))) > 1e-3
+
+
+def test_class_label_changes_output():
+  cfg = tiny_config()
+  model = rin.RIN(**cfg.model)
+  x, g, l = _inputs(cfg)
+  params = model.init(jax.random.PRNGKey(0), x, g, l)
+  a, _ = model.apply(params, x, g, l)
+  b, _ = model.apply(params, x, g, (l + 1) % 10)
+  assert float(jnp.max(jnp.abs(a - b))) > 1e-4
+
+
+def test_dropout_and_drop_path_only_in_training():
+  cfg = tiny_config()
+  cfg.model.update(dropout=0.5, drop_path=0.5)
+  model = rin.RIN(**cfg.model)
+  x, g, l = _inputs(cfg)
+  params = model.init(jax.random.PRNGKey(0), x, g, l)
+  e1, _ = model.apply(params, x, g, l, train=False)
+  e2, _ = model.apply(params, x, g, l, train=False)
+  np.testing.assert_array_equal(e1, e2)
+  t1, _ = model.apply(params, x, g, l, train=True, rngs={"dropout": jax.random.PRNGKey(1)})
+  t2, _ = model.apply(params, x, g, l, train=True, rngs={"dropout": jax.random.PRNGKey(2)})
+  assert float(jnp.max(jnp.abs(t1 - t2))) > 1e-4
+
+
+def test_blocks_do_not_share_weights_and_init():
+  cfg = tiny_config()
+  model = rin.RIN(**cfg.model)
+  params = model.init(jax.random.PRNGKey(0), *_inputs(cfg))["params"]
+  a, b = params["block_0"]["read"]["wq"], params["block_1"]["read"]["wq"]
+  assert a.shape == b.shape and not np.allclose(a, b)
+  assert np.all(params["block_0"]["read"]["bq"] == 0)    # biases start at zero
+  # xavier-uniform bound sqrt(6/(fan_in+fan_out))
+  bound = np.sqrt(6.0 / sum(a.shape))
+  assert np.max(np.abs(a)) <= bound and np.max(np.abs(a)) > 0.5 * bound
+
+
+def test_interface_mlp_ratio_zero_skips_mlp():
+  cfg = tiny_config()
+  cfg.model.interface_mlp_ratio = 0.0
+  model = rin.RIN(**cfg.model)
+  params = model.init(jax.random.PRNGKey(0), *_inputs(cfg))["params"]
+  assert "w1" not in params["block_0"]["write"]
+  assert "wq" in params["block_0"]["write"]
+
+
+def test_wrong_image_size_is_a_clear_error():
+  cfg = tiny_config()
+  model = rin.RIN(**cfg.model)
+  x, g, l = _inputs(cfg)
+  with pytest.raises(ValueError, match="do not fit this model"):
+    model.init(jax.random.PRNGKey(0), jnp.zeros((2, 10, 10, 1)), g, l)
+  cfg.model.patch_size = 3
+  with pytest.raises(ValueError, match="not divisible by patch_size=3"):
+    rin.RIN(**cfg.model).init(jax.random.PRNGKey(0), x, g, l)
+
+
+def test_missing_labels_is_a_clear_error():
+  cfg = tiny_config()
+  x, g, _ = _inputs(cfg)
+  with pytest.raises(ValueError, match="labels must be given"):
+    rin.RIN(**cfg.model).init(jax.random.PRNGKey(0), x, g, None)
+
+
+def test_unknown_implementation_is_a_clear_error():
+  cfg = tiny_config()
+  with pytest.raises(ValueError, match="implementation='cudnn' is unknown"):
+    rin.RIN(**cfg.model, implementation="cudnn").init(jax.random.PRNGKey(0), *_inputs(cfg))
+
+
+def test_parameter_tree_is_independent_of_implementation():
+  """Same tree whatever implementation name the layers are built with (shape-level)."""
+  cfg = tiny_config()
+  trees = []
+  for impl in (None, "xla"):
+    m = rin.RIN(**cfg.model, implementation=impl)
+    shapes = jax.eval_shape(lambda: m.init(jax.random.PRNGKey(0), *_inputs(cfg)))
+    trees.append(jax.tree.map(lambda s: (s.shape, s.dtype), shapes))
+  assert trees[0] == trees[1]

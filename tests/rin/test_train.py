@@ -1,0 +1,126 @@
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rin import sample as sample_lib
+from rin import train as train_lib
+from rin.optim import decay_mask, learning_rate_schedule
+from tests.rin.tiny import tiny_config
+
+
+def _losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return {r["step"]: r["loss"] for r in map(json.loads, f)}
+
+
+def test_short_training_run_loss_falls(tmp_path):
+  cfg = tiny_config(num_steps=60)
+  train_lib.train(cfg, str(tmp_path), progress=False)
+  losses = _losses(tmp_path)
+  first = np.mean([losses[s] for s in range(1, 11)])
+  last = np.mean([losses[s] for s in range(51, 61)])
+  assert last < 0.7 * first, (first, last)
+  assert os.path.exists(tmp_path / "samples" / "step_0000060.png")
+  assert (tmp_path / "checkpoints").is_dir()
+
+
+def test_resume_gives_the_same_steps_as_an_uninterrupted_run(tmp_path):
+  cfg = tiny_config(num_steps=8, checkpoint_every=4)
+  full = train_lib.train(cfg, str(tmp_path / "full"), progress=False)
+  train_lib.train(cfg, str(tmp_path / "split"), progress=False, stop_after=4)   # "killed"
+  assert max(_losses(tmp_path / "split")) == 4
+  resumed = train_lib.train(cfg, str(tmp_path / "split"), progress=False)
+  a, b = _losses(tmp_path / "full"), _losses(tmp_path / "split")
+  for step in range(5, 9):
+    assert a[step] == b[step], (step, a[step], b[step])
+  for x, y in zip(jax.tree.leaves(full.params), jax.tree.leaves(resumed.params)):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_sampler_is_deterministic_under_a_fixed_seed():
+  cfg = tiny_config()
+  model = train_lib.create_model(cfg)
+  state = train_lib.init_state(cfg, model, jax.random.PRNGKey(0))
+  kw = dict(num_samples=3, num_steps=3)
+  for sampler in ("ddim", "ddpm"):
+    a, la = sample_lib.generate(cfg, state.ema_params, model, seed=7, sampler=sampler, **kw)
+    b, lb = sample_lib.generate(cfg, state.ema_params, model, seed=7, sampler=sampler, **kw)
+    c, _ = sample_lib.generate(cfg, state.ema_params, model, seed=8, sampler=sampler, **kw)
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(la, lb)
+    assert not np.allclose(a, c)
+    assert a.min() >= -1 and a.max() <= 1
+
+
+def test_optimizer_excludes_biases_and_layernorm_from_decay():
+  cfg = tiny_config()
+  model = train_lib.create_model(cfg)
+  state = train_lib.init_state(cfg, model, jax.random.PRNGKey(0))
+  mask = decay_mask(state.params)
+  assert mask["block_0"]["read"]["wq"] and not mask["block_0"]["read"]["bq"]
+  assert not mask["block_0"]["read"]["ln_scale"]
+  assert not mask["stem_ln"]["scale"] and mask["stem"]["kernel"]
+
+
+def test_learning_rate_warmup_then_partial_cosine():
+  cfg = tiny_config()
+  cfg.optim.update(learning_rate=1.0, warmup_steps=10, decay_fraction=0.5)
+  lr = learning_rate_schedule(cfg.optim, 110)
+  assert float(lr(0)) == 0.0 and float(lr(5)) == pytest.approx(0.5)
+  assert float(lr(10)) == pytest.approx(1.0)
+  assert float(lr(35)) == pytest.approx(0.5, abs=1e-6)   # half-way through the cosine
+  assert float(lr(60)) == pytest.approx(0.0, abs=1e-6) and float(lr(100)) == 0.0
+
+
+def test_self_conditioning_is_per_example():
+  """With rate 0.5 the loss differs from both rate 0 and rate 1 (a per-batch coin
+  would make it equal to one of them)."""
+  cfg = tiny_config()
+  model = train_lib.create_model(cfg)
+  state = train_lib.init_state(cfg, model, jax.random.PRNGKey(0))
+  # Make LN0 non-zero so self-conditioning has an effect.
+  params = jax.tree.map(lambda a: a, state.params)
+  params["self_cond_ln0"] = {"scale": jnp.ones_like(params["self_cond_ln0"]["scale"]),
+                             "bias": params["self_cond_ln0"]["bias"]}
+  batch = {"image": jax.random.uniform(jax.random.PRNGKey(1), (64, 8, 8, 1), minval=-1),
+           "label": jnp.zeros((64,), jnp.int32)}
+  out = {}
+  for rate in (0.0, 0.5, 1.0):
+    cfg.diffusion.self_cond_rate = rate
+    out[rate] = float(train_lib.loss_and_metrics(params, model, cfg, batch, jax.random.PRNGKey(3)))
+  assert out[0.5] != pytest.approx(out[0.0], rel=1e-5)
+  assert out[0.5] != pytest.approx(out[1.0], rel=1e-5)
+
+
+def test_missing_data_path_is_a_clear_error(tmp_path):
+  cfg = tiny_config()
+  cfg.data.update(name="cifar10", path=str(tmp_path / "nope"))
+  cfg.model.update(channels=3)
+  with pytest.raises(FileNotFoundError, match="nope"):
+    train_lib.train(cfg, str(tmp_path / "w"), progress=False)
+
+
+def test_unknown_data_set_is_a_clear_error(tmp_path):
+  cfg = tiny_config()
+  cfg.data.name = "mnist"
+  with pytest.raises(ValueError, match="mnist"):
+    train_lib.train(cfg, str(tmp_path / "w"), progress=False)
+
+
+def test_workdir_of_another_model_is_refused(tmp_path):
+  cfg = tiny_config(num_steps=1)
+  train_lib.train(cfg, str(tmp_path), progress=False)
+  cfg.model.latent_dim = 48
+  with pytest.raises(ValueError, match="different model config"):
+    train_lib.train(cfg, str(tmp_path), progress=False)
+
+
+def test_sample_without_checkpoint_is_a_clear_error(tmp_path):
+  cfg = tiny_config()
+  model = train_lib.create_model(cfg)
+  with pytest.raises(FileNotFoundError, match="no checkpoints"):
+    sample_lib.load_ema_params(cfg, str(tmp_path), model)
