@@ -10,9 +10,9 @@ Every op has a jax.custom_vjp whose backward is also Pallas kernels. `interpret=
 (or a `pltpu.InterpretParams`) runs the same kernels in Pallas' interpreter on CPU.
 """
 from kernels.pallas_tpu.attention import AttentionBlockSizes, cross_attention
-from kernels.pallas_tpu.common import VMEM_LIMIT_BYTES
+from kernels.pallas_tpu.common import VMEM_LIMIT_BYTES, BlockSizes
 from kernels.pallas_tpu.read_block import ReadBlockSizes, read_block
 from kernels.pallas_tpu.write_block import WriteBlockSizes, write_block
 
-__all__ = ["AttentionBlockSizes", "ReadBlockSizes", "WriteBlockSizes", "VMEM_LIMIT_BYTES",
+__all__ = ["AttentionBlockSizes", "BlockSizes", "ReadBlockSizes", "WriteBlockSizes", "VMEM_LIMIT_BYTES",
            "cross_attention", "read_block", "write_block"]

@@ -282,11 +282,7 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 def cross_attention(q, k, v, *, scale=None, interpret=False, block_sizes=None):
   """softmax(q k^T * scale) v on [batch, seq, heads, head_dim] (see module doc)."""
-  if block_sizes is None:
-    block_sizes = AttentionBlockSizes()
-  if not isinstance(block_sizes, AttentionBlockSizes):
-    raise ValueError(f"block_sizes must be a pallas_tpu.AttentionBlockSizes or None, "
-                     f"got {type(block_sizes).__name__}")
+  block_sizes = c.op_block_sizes(block_sizes, "attention", AttentionBlockSizes)
   q_len, kv_len, head_dim = q.shape[1], k.shape[1], q.shape[3]
   bs = block_sizes.resolve(q_len, kv_len)
   c.check_vmem("pallas_tpu.cross_attention", vmem_estimate(bs, c.padded_head_dim(head_dim),

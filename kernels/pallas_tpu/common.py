@@ -1,7 +1,9 @@
 """Helpers shared by the Pallas TPU kernels: padding, matmuls, VMEM accounting."""
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -115,6 +117,27 @@ def check_vmem(kernel: str, estimate: int, block_sizes, budget: int = VMEM_LIMIT
 def compiler_params(*semantics: str):
   return pltpu.CompilerParams(dimension_semantics=tuple(semantics),
                               vmem_limit_bytes=VMEM_LIMIT_BYTES)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Tilings of all three ops in one object, for callers (the RIN layers) that pass
+  one `block_sizes` to every op: each op takes its own field (None: defaults)."""
+  attention: Any = None   # AttentionBlockSizes
+  read: Any = None        # ReadBlockSizes
+  write: Any = None       # WriteBlockSizes
+
+
+def op_block_sizes(block_sizes, field: str, cls):
+  """The op's own block sizes from None, its dataclass or a BlockSizes."""
+  if isinstance(block_sizes, BlockSizes):
+    block_sizes = getattr(block_sizes, field)
+  if block_sizes is None:
+    return cls()
+  if not isinstance(block_sizes, cls):
+    raise ValueError(f"block_sizes must be a pallas_tpu.{cls.__name__}, a "
+                     f"pallas_tpu.BlockSizes or None, got {type(block_sizes).__name__}")
+  return block_sizes
 
 
 def check_block(name: str, value: int, multiple: int, block_sizes) -> None:

@@ -320,11 +320,7 @@ _read_core.defvjp(_read_core_fwd, _read_core_bwd)
 
 def read_block(z, x, p, *, num_heads, interpret=False, block_sizes=None):
   """Fused read block (see module doc). z [B, M, D], x [B, N, T] -> [B, M, D]."""
-  if block_sizes is None:
-    block_sizes = ReadBlockSizes()
-  if not isinstance(block_sizes, ReadBlockSizes):
-    raise ValueError(f"block_sizes must be a pallas_tpu.ReadBlockSizes or None, "
-                     f"got {type(block_sizes).__name__}")
+  block_sizes = c.op_block_sizes(block_sizes, "read", ReadBlockSizes)
   _, m, d = z.shape
   n, t = x.shape[1:]
   width = p.wq.shape[1]

@@ -303,11 +303,7 @@ def _choose_block_n(block_sizes, n, est):
 
 def write_block(x, z, p, *, num_heads, interpret=False, block_sizes=None):
   """Fused write block (see module doc). x [B, N, T], z [B, M, D] -> [B, N, T]."""
-  if block_sizes is None:
-    block_sizes = WriteBlockSizes()
-  if not isinstance(block_sizes, WriteBlockSizes):
-    raise ValueError(f"block_sizes must be a pallas_tpu.WriteBlockSizes or None, "
-                     f"got {type(block_sizes).__name__}")
+  block_sizes = c.op_block_sizes(block_sizes, "write", WriteBlockSizes)
   bsz, n, t = x.shape
   m = z.shape[1]
   width = p.wq.shape[1]
