@@ -1,0 +1,127 @@
+"""The op API: argument checks, dispatch, and the reference against a hand-written
+float64 NumPy oracle (independent of kernels/reference.py's own code)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kernels
+from kernels import reference
+from tests.kernels import op_cases
+
+
+def _np_attention(q, k, v):
+  q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+  s = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+  s = np.exp(s - s.max(-1, keepdims=True))
+  p = s / s.sum(-1, keepdims=True)
+  return np.einsum("bhqk,bkhd->bqhd", p, v)
+
+
+def _np_ln(x, g, b):
+  mu = x.mean(-1, keepdims=True)
+  var = ((x - mu) ** 2).mean(-1, keepdims=True)
+  return (x - mu) / np.sqrt(var + 1e-6) * g + b
+
+
+def _np_block(xq, xkv, p, heads, mlp):
+  from scipy.special import erf
+  p = {k: (None if v is None else np.asarray(v, np.float64)) for k, v in p._asdict().items()}
+  xq, xkv = np.asarray(xq, np.float64), np.asarray(xkv, np.float64)
+  split = lambda y: y.reshape(*y.shape[:-1], heads, -1)
+  h = _np_ln(xq, p["ln_scale"], p["ln_bias"])
+  o = _np_attention(split(h @ p["wq"] + p["bq"]), split(xkv @ p["wk"] + p["bk"]),
+                    split(xkv @ p["wv"] + p["bv"]))
+  y = xq + o.reshape(*o.shape[:-2], -1) @ p["wo"] + p["bo"]
+  if mlp:
+    h = _np_ln(y, p["mlp_ln_scale"], p["mlp_ln_bias"]) @ p["w1"] + p["b1"]
+    y = y + (0.5 * h * (1 + erf(h / np.sqrt(2)))) @ p["w2"] + p["b2"]
+  return y
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 3, 8), (1, 1, 1, 4), (1, 9, 2, 72)])
+@pytest.mark.parametrize("kv_len", [1, 7, 33])
+def test_reference_attention_matches_numpy_float64(shape, kv_len):
+  b, lq, h, d = shape
+  (q, k, v), _ = op_cases.attention_inputs(0, b, lq, kv_len, h, d, jnp.float32)
+  out = kernels.cross_attention(q, k, v, implementation="xla")
+  np.testing.assert_allclose(out, _np_attention(q, k, v), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mlp", [0, 2])
+def test_reference_blocks_match_numpy_float64(mlp):
+  key = jax.random.PRNGKey(1)
+  z = jax.random.normal(key, (2, 7, 48))
+  x = jax.random.normal(jax.random.fold_in(key, 1), (2, 13, 32))
+  rp = op_cases.read_params(jax.random.fold_in(key, 2), 48, 32, 32, jnp.float32)
+  out = kernels.read_block(z, x, rp, num_heads=4, implementation="xla")
+  np.testing.assert_allclose(out, _np_block(z, x, rp, 4, False), rtol=2e-4, atol=2e-4)
+  wp = op_cases.write_params(jax.random.fold_in(key, 3), 32, 48, 32, mlp * 32, jnp.float32)
+  out = kernels.write_block(x, z, wp, num_heads=4, implementation="xla")
+  np.testing.assert_allclose(out, _np_block(x, z, wp, 4, bool(mlp)), rtol=2e-4, atol=2e-4)
+
+
+def test_reference_is_float64_exact_under_x64():
+  with jax.enable_x64(True):
+    (q, k, v), _ = op_cases.attention_inputs(3, 1, 5, 11, 2, 16, jnp.float64)
+    out = reference.cross_attention(q, k, v)
+    assert out.dtype == jnp.float64
+    np.testing.assert_allclose(out, _np_attention(q, k, v), rtol=1e-12, atol=1e-12)
+
+
+def test_bf16_inputs_keep_dtype():
+  (q, k, v), _ = op_cases.attention_inputs(0, 1, 4, 6, 2, 8, jnp.bfloat16)
+  out = kernels.cross_attention(q, k, v, implementation="xla")
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(out, np.float32), _np_attention(q, k, v), atol=2e-2)
+
+
+def test_unknown_implementation_is_a_clear_error():
+  q = jnp.zeros((1, 2, 1, 4))
+  with pytest.raises(ValueError, match=r"implementation='flash' is unknown.*xla"):
+    kernels.cross_attention(q, q, q, implementation="flash")
+
+
+@pytest.mark.parametrize("args, err, msg", [
+    (((1, 2, 4), (1, 2, 1, 4), (1, 2, 1, 4)), ValueError, "q must have rank 4"),
+    (((1, 2, 1, 4), (1, 3, 1, 4), (1, 2, 1, 4)), ValueError, "k and v must have the same shape"),
+    (((2, 2, 1, 4), (1, 3, 1, 4), (1, 3, 1, 4)), ValueError, "same batch size"),
+    (((1, 2, 2, 4), (1, 3, 1, 4), (1, 3, 1, 4)), ValueError, "same number of heads"),
+    (((1, 2, 1, 8), (1, 3, 1, 4), (1, 3, 1, 4)), ValueError, "same head_dim"),
+    (((1, 0, 1, 4), (1, 3, 1, 4), (1, 3, 1, 4)), ValueError, "sequence length >= 1"),
+])
+def test_attention_shape_errors(args, err, msg):
+  q, k, v = (jnp.zeros(s) for s in args)
+  with pytest.raises(err, match=msg):
+    kernels.cross_attention(q, k, v)
+
+
+def test_attention_dtype_errors():
+  q = jnp.zeros((1, 2, 1, 4))
+  with pytest.raises(TypeError, match="floating-point"):
+    kernels.cross_attention(q.astype(jnp.int32), q, q)
+  with pytest.raises(TypeError, match="share one dtype"):
+    kernels.cross_attention(q, q.astype(jnp.bfloat16), q)
+
+
+def test_block_param_errors():
+  key = jax.random.PRNGKey(0)
+  z, x = jnp.zeros((1, 4, 16)), jnp.zeros((1, 6, 8))
+  rp = op_cases.read_params(key, 16, 8, 8, jnp.float32)
+  with pytest.raises(ValueError, match="num_heads=3 must divide the attention width 8"):
+    kernels.read_block(z, x, rp, num_heads=3)
+  with pytest.raises(ValueError, match=r"params.wk must have shape \(8, 8\)"):
+    kernels.read_block(z, x, rp._replace(wk=jnp.zeros((9, 8))), num_heads=2)
+  with pytest.raises(ValueError, match="same batch size"):
+    kernels.read_block(z, jnp.zeros((2, 6, 8)), rp, num_heads=2)
+  with pytest.raises(TypeError, match="ReadBlockParams"):
+    kernels.read_block(z, x, dict(rp._asdict()), num_heads=2)
+  wp = op_cases.write_params(key, 8, 16, 8, 16, jnp.float32)
+  with pytest.raises(ValueError, match=r"write_block: params.w2 must have shape"):
+    kernels.write_block(x, z, wp._replace(w2=jnp.zeros((3, 8))), num_heads=2)
+
+
+def test_dispatch_lists_and_defaults():
+  assert "xla" in kernels.available_implementations()
+  assert kernels.default_implementation("cpu") == "xla"
+  assert kernels.resolve_implementation(None) in kernels.IMPLEMENTATIONS
