@@ -99,14 +99,13 @@ def load_statistics(path: str) -> tuple[np.ndarray, np.ndarray]:
     raise FileNotFoundError(f"load_statistics: reference statistics file {path!r} does not exist")
   try:
     with np.load(path, allow_pickle=False) as f:
-      if "mu" not in f.files or "sigma" not in f.files:
-        raise ValueError(f"load_statistics: {path!r} must hold arrays 'mu' and 'sigma', "
-                         f"it holds {f.files}")
-      mu, sigma = np.asarray(f["mu"], np.float64), np.asarray(f["sigma"], np.float64)
-  except ValueError:
-    raise
+      arrays = {k: np.asarray(f[k]) for k in f.files}
   except Exception as e:  # noqa: BLE001 -- zip/format errors: malformed file
     raise ValueError(f"load_statistics: {path!r} is not a readable .npz file: {e}") from e
+  if "mu" not in arrays or "sigma" not in arrays:
+    raise ValueError(f"load_statistics: {path!r} must hold arrays 'mu' and 'sigma', "
+                     f"it holds {sorted(arrays)}")
+  mu, sigma = arrays["mu"].astype(np.float64), arrays["sigma"].astype(np.float64)
   if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
     raise ValueError(f"load_statistics: {path!r}: expected mu [F] and sigma [F, F], got "
                      f"{mu.shape} and {sigma.shape}")
@@ -401,16 +400,24 @@ class FIDEvaluator:
       float32 [B, H, W, C] in [-1, 1] to features [B, F], or to a pair
       ``(features [B, F], logits [B, K])`` to also get an Inception Score.
       Exactly one of ``weights_path`` and ``feature_fn`` must be given.
+    batch_size: Inception batch size.
+    is_splits: Inception Score splits (10 is the convention).
+    input_size: Inception input resolution; keep the standard 299 for
+      comparable numbers (smaller only for quick tests).
+
+  Note: a [2048, 2048] ``sqrtm`` takes seconds to a minute on a CPU, and FID
+  needs many more samples than features (10k-50k by convention) to be
+  meaningful; the estimate is biased upwards for small sample counts.
   """
 
   def __init__(self, reference, *, weights_path: str | None = None,
                feature_fn: Callable[[np.ndarray], Any] | None = None, batch_size: int = 50,
-               is_splits: int = 10):
+               is_splits: int = 10, input_size: int = INCEPTION_INPUT_SIZE):
     if (weights_path is None) == (feature_fn is None):
       raise ValueError("FIDEvaluator: give exactly one of weights_path= (Inception weights "
                        "file) and feature_fn= (your own feature network)")
     if weights_path is not None:
-      net = InceptionV3(weights_path)
+      net = InceptionV3(weights_path, input_size=input_size)
       self._features = lambda x: (lambda o: (o["pool"], o["logits"]))(net(x, batch_size))
     else:
       self._features = lambda x: _as_features_logits(feature_fn(x))
@@ -422,8 +429,13 @@ class FIDEvaluator:
     else:
       self.mu, self.sigma = feature_statistics(self._features(_check_images(reference))[0])
 
+  def features(self, images) -> tuple[np.ndarray, np.ndarray | None]:
+    """(features [B, F], logits [B, K] or None) of images float [B, H, W, C] in [-1, 1]."""
+    return self._features(_check_images(images))
+
   def statistics(self, images) -> tuple[np.ndarray, np.ndarray]:
-    return feature_statistics(self._features(_check_images(images))[0])
+    """(mu, sigma) of the features of images; save with ``save_statistics``."""
+    return feature_statistics(self.features(images)[0])
 
   def __call__(self, samples) -> dict[str, float]:
     feats, logits = self._features(_check_images(samples))
