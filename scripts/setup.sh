@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Creates .venv (Python >= 3.12) and installs the project with its test extras,
+# pinned by constraints.txt so a new jax release cannot silently change main.
+#   PYTHON=/path/to/python3.12 bash scripts/setup.sh     # choose the interpreter
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-}"
+if [ -z "$PY" ]; then
+  for c in /root/.pyenv/versions/3.12.1/bin/python3.12 python3.13 python3.12 python3; do
+    if "$c" -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; then PY="$c"; break; fi
+  done
+fi
+[ -n "$PY" ] || { echo "setup.sh: need Python >= 3.12 (set PYTHON=/path/to/python3.12)" >&2; exit 1; }
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -c constraints.txt -e ".[test]"
+echo "setup.sh: .venv ready ($(.venv/bin/python --version))"
