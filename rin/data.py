@@ -35,10 +35,15 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import hashlib
 import io
+import json
+import logging
 import os
 import pickle
+import shutil
 import tarfile
+import tempfile
 from typing import Any, Iterator
 
 import numpy as np
@@ -95,7 +100,7 @@ class ImageDataset:
 
 
 def load_dataset(name: str, *, path: str | None = None, image_size: int,
-                 split: str = "train") -> ImageDataset:
+                 split: str = "train", cache_dir: str | None = None) -> ImageDataset:
   """Loads data set ``name`` resized to ``image_size`` x ``image_size``.
 
   Args:
@@ -105,6 +110,12 @@ def load_dataset(name: str, *, path: str | None = None, image_size: int,
     image_size: output height and width in pixels (>= 1).
     split: ``"train"``, ``"test"`` (``"all"`` for digits; any subfolder name
       for folders).
+    cache_dir: optional. Decoding a large image folder (ImageNet) takes long:
+      with ``cache_dir`` the decoded, resized arrays are written there once
+      (``.npy`` files, atomically) and later loads memory-map them (also in
+      ``mp_prefetch`` workers, which reopen the file instead of copying it).
+      The cache key is (name, absolute path, split, image_size): delete the
+      cache folder when the source data change. Not used for ``"digits"``.
 
   Raises:
     ValueError: unknown name or split, bad image_size, malformed files.
@@ -125,9 +136,53 @@ def load_dataset(name: str, *, path: str | None = None, image_size: int,
   path = os.fspath(path)
   if not os.path.exists(path):
     raise FileNotFoundError(f"load_dataset({name!r}): path={path!r} does not exist")
-  if name == "cifar10":
-    return _load_cifar10(path, image_size, split)
-  return _load_folder(path, image_size, split)
+  loader = _load_cifar10 if name == "cifar10" else _load_folder
+  if cache_dir is None:
+    return loader(path, image_size, split)
+  key = hashlib.sha256(json.dumps([name, os.path.abspath(path), split, image_size,
+                                   _CACHE_VERSION]).encode()).hexdigest()[:16]
+  entry = os.path.join(os.fspath(cache_dir), f"{name}-{split}-{image_size}-{key}")
+  if os.path.isdir(entry):
+    try:
+      return _read_cache(entry)
+    except Exception as e:  # noqa: BLE001 -- any damage: rebuild, loudly
+      logging.warning("load_dataset: ignoring unreadable cache %s (%s); rebuilding", entry, e)
+  ds = loader(path, image_size, split)
+  _write_cache(entry, ds, source=os.path.abspath(path))
+  return _read_cache(entry)
+
+
+_CACHE_VERSION = 1
+
+
+def _write_cache(entry: str, ds: ImageDataset, source: str) -> None:
+  parent = os.path.dirname(entry) or "."
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=os.path.basename(entry) + ".tmp-", dir=parent)
+  try:
+    np.save(os.path.join(tmp, "images.npy"), np.ascontiguousarray(ds.images))
+    np.save(os.path.join(tmp, "labels.npy"), ds.labels)
+    with open(os.path.join(tmp, "meta.json"), "w") as f:
+      json.dump({"num_classes": int(ds.num_classes), "num_examples": len(ds),
+                 "image_shape": list(ds.image_shape), "source": source,
+                 "version": _CACHE_VERSION}, f)
+    if os.path.isdir(entry):  # a previous, unreadable entry
+      shutil.rmtree(entry, ignore_errors=True)
+    os.replace(tmp, entry)
+  except OSError:
+    shutil.rmtree(tmp, ignore_errors=True)
+    if not os.path.isdir(entry):  # another process may have won the race
+      raise
+
+
+def _read_cache(entry: str) -> ImageDataset:
+  with open(os.path.join(entry, "meta.json")) as f:
+    meta = json.load(f)
+  images = np.load(os.path.join(entry, "images.npy"), mmap_mode="r")
+  labels = np.load(os.path.join(entry, "labels.npy")).astype(np.int32)
+  if images.shape != (meta["num_examples"], *meta["image_shape"]):
+    raise ValueError(f"cache {entry!r}: images {images.shape} disagree with meta.json {meta}")
+  return ImageDataset(images, labels, int(meta["num_classes"]))
 
 
 def _resize_uint8(images: np.ndarray, image_size: int) -> np.ndarray:
@@ -337,7 +392,23 @@ class _ArraySource:
 
   def __getitem__(self, i):
     i = int(i)
-    return {"image": self._images[i], "label": self._labels[i]}
+    return {"image": np.asarray(self._images[i]), "label": self._labels[i]}
+
+  def __getstate__(self):
+    # A memory-mapped cache is reopened in worker processes, not copied into them.
+    imgs = self._images
+    if isinstance(imgs, np.memmap) and getattr(imgs, "filename", None) and \
+        imgs.flags.c_contiguous:
+      ref = ("memmap", imgs.filename, int(imgs.offset), imgs.shape, imgs.dtype.str)
+      return {"images": ref, "labels": self._labels}
+    return {"images": imgs, "labels": self._labels}
+
+  def __setstate__(self, state):
+    imgs = state["images"]
+    if isinstance(imgs, tuple) and imgs and imgs[0] == "memmap":
+      _, filename, offset, shape, dtype = imgs
+      imgs = np.memmap(filename, dtype=np.dtype(dtype), mode="r", offset=offset, shape=shape)
+    self._images, self._labels = imgs, state["labels"]
 
 
 class RandomHorizontalFlip(grain.transforms.RandomMap):

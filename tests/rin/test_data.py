@@ -370,3 +370,43 @@ def test_iterator_multiprocess_prefetch_matches_threads():
     it2.close()
   for x, y in zip(ref[3:], rest):
     np.testing.assert_array_equal(x["image"], y["image"])
+
+
+def test_folder_cache_memmap_and_worker_pickling(tmp_path):
+  root = tmp_path / "imgs"
+  for c in ("a", "b"):
+    for i in range(3):
+      _save(root / c / f"{i}.png", np.full((12, 10, 3), 30 * i + (100 if c == "b" else 0),
+                                           np.uint8))
+  cache = tmp_path / "cache"
+  first = data.load_dataset("folder", path=str(root), image_size=8, cache_dir=str(cache))
+  plain = data.load_dataset("folder", path=str(root), image_size=8)
+  np.testing.assert_array_equal(first.images, plain.images)
+  np.testing.assert_array_equal(first.labels, plain.labels)
+  assert isinstance(first.images, np.memmap) and first.num_classes == 2
+  assert len(os.listdir(cache)) == 1  # one entry, no temporary leftovers
+  # served from the cache: the (now corrupt) source is not read again
+  (root / "a" / "0.png").write_bytes(b"corrupt")
+  again = data.load_dataset("folder", path=str(root), image_size=8, cache_dir=str(cache))
+  np.testing.assert_array_equal(again.images, plain.images)
+  with pytest.raises(ValueError, match="0.png"):
+    data.load_dataset("folder", path=str(root), image_size=8)
+  # another image size is another cache entry (and sees the corrupt file)
+  with pytest.raises(ValueError, match="0.png"):
+    data.load_dataset("folder", path=str(root), image_size=4, cache_dir=str(cache))
+  # a damaged entry is rebuilt, not trusted
+  entry = cache / os.listdir(cache)[0]
+  (entry / "images.npy").write_bytes(b"damaged")
+  _save(root / "a" / "0.png", np.full((12, 10, 3), 0, np.uint8))
+  rebuilt = data.load_dataset("folder", path=str(root), image_size=8, cache_dir=str(cache))
+  np.testing.assert_array_equal(rebuilt.images, plain.images)
+  # worker processes get the file name, not a copy of the images
+  src = data._ArraySource(rebuilt.images, rebuilt.labels)
+  blob = pickle.dumps(src)
+  assert len(blob) < rebuilt.images.nbytes
+  back = pickle.loads(blob)
+  np.testing.assert_array_equal(back[4]["image"], rebuilt.images[4])
+  assert back[4]["label"] == rebuilt.labels[4]
+  # and the training iterator runs on the memory-mapped arrays
+  batch = next(data.make_train_iterator(rebuilt, batch_size=4, seed=0))
+  assert batch["image"].shape == (4, 8, 8, 3) and batch["image"].dtype == np.float32
