@@ -471,6 +471,16 @@ class TrainIterator(grain.DatasetIterator):
     return f"TrainIterator({self.pipeline})"
 
 
+def dataset_digest(dataset: ImageDataset, samples: int = 64) -> str:
+  """A cheap fingerprint of a data set: all labels and ~``samples`` evenly spaced images."""
+  h = hashlib.sha256()
+  h.update(json.dumps([len(dataset), list(dataset.image_shape), int(dataset.num_classes)]).encode())
+  h.update(np.ascontiguousarray(dataset.labels).tobytes())
+  step = max(1, len(dataset) // samples)
+  h.update(np.ascontiguousarray(dataset.images[::step]).tobytes())
+  return h.hexdigest()[:16]
+
+
 def make_train_iterator(dataset: ImageDataset, *, batch_size: int, seed: int,
                         random_flip: bool = True, shard_index: int = 0, shard_count: int = 1,
                         worker_count: int = 0, prefetch_buffer_size: int = 4,
@@ -538,7 +548,7 @@ def make_train_iterator(dataset: ImageDataset, *, batch_size: int, seed: int,
       flags.FLAGS.mark_as_parsed()
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(worker_count)))
   pipeline = {
-      "num_examples": n, "image_shape": list(dataset.image_shape),
+      "data_digest": dataset_digest(dataset), "num_examples": n, "image_shape": list(dataset.image_shape),
       "num_classes": int(dataset.num_classes), "batch_size": int(batch_size),
       "seed": int(seed), "random_flip": bool(random_flip),
       "shard_index": shard.shard_index, "shard_count": shard.shard_count,

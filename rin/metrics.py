@@ -482,8 +482,9 @@ class DigitsEvaluator:
   [-1, 1] (values outside are clipped) returns:
 
   * ``digits_fd``: Frechet distance between the samples' features and the
-    real digits' (lower is better; held-out real digits score
-    ``self.real_fd``);
+    real digits' (lower is better; the 179 held-out real digits score
+    ``self.real_fd``). Like FID it is biased upwards for few samples:
+    compare values computed from the same number of samples;
   * ``digits_class_hist``: list of 10 counts of the predicted classes (sums to B);
   * ``digits_class_entropy``: entropy (nats) of that histogram, max log(10);
   * ``digits_class_kl_uniform``: KL(histogram || uniform) = log(10) - entropy;

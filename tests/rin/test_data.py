@@ -304,6 +304,10 @@ def test_iterator_resume_same_order():
     other.set_state(state)
   with pytest.raises(ValueError, match="'pipeline'"):
     other.set_state({"next_index": 3})
+  # same shapes and sizes but different data: refused too
+  changed = data.ImageDataset(255 - ds.images, ds.labels, ds.num_classes)
+  with pytest.raises(ValueError, match="data_digest"):
+    data.make_train_iterator(changed, batch_size=16, seed=11).set_state(state)
 
 
 def test_iterator_grain_orbax_checkpoint(tmp_path):
