@@ -1,9 +1,9 @@
 """Pallas TPU (Mosaic) implementation of the RIN kernels: `implementation="pallas_tpu"`.
 
   cross_attention  -> attention.py    (flash attention, read and write directions)
-  read_block       -> read_block.py   (LN + q-proj, interface K/V projection fused
+  read_block       -> read.py         (LN + q-proj, interface K/V projection fused
                                        with the attention, out-proj + residual)
-  write_block      -> write_block.py  (LN, q-proj, attention, out-proj, residual,
+  write_block      -> write.py        (LN, q-proj, attention, out-proj, residual,
                                        LN, MLP, residual per interface tile)
 
 Every op has a jax.custom_vjp whose backward is also Pallas kernels. `interpret=True`
@@ -11,8 +11,8 @@ Every op has a jax.custom_vjp whose backward is also Pallas kernels. `interpret=
 """
 from kernels.pallas_tpu.attention import AttentionBlockSizes, cross_attention
 from kernels.pallas_tpu.common import VMEM_LIMIT_BYTES, BlockSizes
-from kernels.pallas_tpu.read_block import ReadBlockSizes, read_block
-from kernels.pallas_tpu.write_block import WriteBlockSizes, write_block
+from kernels.pallas_tpu.read import ReadBlockSizes, read_block
+from kernels.pallas_tpu.write import WriteBlockSizes, write_block
 
 __all__ = ["AttentionBlockSizes", "BlockSizes", "ReadBlockSizes", "WriteBlockSizes", "VMEM_LIMIT_BYTES",
            "cross_attention", "read_block", "write_block"]

@@ -87,7 +87,7 @@ def test_attention_read_write_directions_published(s):
   check_attention((1, s.n, s.m, s.heads, dh), jnp.bfloat16)   # write: interface <- latents
 
 
-@hypothesis.settings(max_examples=4, deadline=None, derandomize=True)
+@hypothesis.settings(max_examples=3, deadline=None, derandomize=True)
 @hypothesis.given(b=hst.integers(1, 2), lq=hst.integers(1, 300), lk=hst.integers(1, 600),
                   h=hst.integers(1, 2), d=hst.sampled_from([8, 24, 32, 72, 128]),
                   bf16=hst.booleans())
@@ -100,7 +100,8 @@ def test_attention_property_random_shapes(b, lq, lk, h, d, bf16):
 # ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("direction", ["read", "write"])
-@pytest.mark.parametrize("shape", oc.ODD_BLOCKS, ids=str)
+@pytest.mark.parametrize("shape", oc.ODD_BLOCKS[:2] + tuple(
+    pytest.param(s, marks=pytest.mark.slow) for s in oc.ODD_BLOCKS[2:]), ids=str)
 def test_block_odd_shapes_fp32(direction, shape):
   check_block(direction, shape, jnp.float32)
 
@@ -116,12 +117,13 @@ def test_write_block_several_tiles_fp32():
               block_sizes=P.WriteBlockSizes(block_n=64))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("direction", ["read", "write"])
 def test_block_bf16(direction):
   check_block(direction, (1, 16, 64, 200, 64, 2, 64, 2), jnp.bfloat16)
 
 
-@pytest.mark.parametrize("direction", ["read", "write"])
+@pytest.mark.parametrize("direction", ["read", pytest.param("write", marks=pytest.mark.slow)])
 def test_block_cifar10_published_fp32(direction):
   check_block(direction, _block_shape(oc.CIFAR10), jnp.float32)
 
