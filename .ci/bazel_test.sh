@@ -6,7 +6,7 @@
 #            tests import jax, flax, pytest, ... from its site-packages.
 #   further arguments go to `bazel test` (default target pattern: //...).
 # environment:
-#   BAZEL_TEST_TIMEOUT   overall limit in seconds for `bazel test` (default 3600)
+#   BAZEL_TEST_TIMEOUT   overall limit in seconds for `bazel test` (default 5400)
 #   BAZEL_APT_TIMEOUT    limit in seconds for apt-get (default 900)
 #   BAZEL_TEST_JOBS      parallel test processes (default 2 on CPU, 1 when an
 #                        accelerator is visible: two processes cannot share a TPU)
@@ -79,7 +79,7 @@ for a in "$@"; do
 done
 [ "$has_target" = 1 ] || set -- "$@" //...
 
-T="${BAZEL_TEST_TIMEOUT:-3600}"
+T="${BAZEL_TEST_TIMEOUT:-5400}"
 note "bazel test (Bazel $(timeout 120 bazel --version 2>/dev/null | head -1), python $PY, $JOBS test jobs, limit ${T}s): $*"
 start=$(date +%s)
 # SIGINT makes the Bazel client cancel the build in its server cleanly; a
