@@ -1,0 +1,126 @@
+"""One prepared GPU check: numerics through jax-triton (bf16 included) and timings.
+
+    python -m kernels.triton_gpu.gpu_check [--out bench/results/triton_gpu_check.md]
+    python -m kernels.triton_gpu.gpu_check --interpret --quick   # CPU dry run of this script
+
+For every published RIN shape (kernels.triton_gpu.compile_report.PUBLISHED, at
+--batch): forward and gradients of the Triton op vs. the float64 reference
+(max error relative to max(1, |ref|)), then the time of forward+backward for
+implementation="triton", "xla" (jitted reference) and, for attention,
+jax.nn.dot_product_attention. Writes a markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def _rel_err(got, want):
+  errs = []
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    g = np.asarray(g, np.float64)
+    w = np.asarray(w, np.float64)
+    if not np.all(np.isfinite(g)):
+      return float("nan")
+    errs.append(np.max(np.abs(g - w)) / max(1.0, np.max(np.abs(w))))
+  return float(max(errs))
+
+
+def _time(f, args, iters):
+  jax.block_until_ready(f(*args))
+  t = time.perf_counter()
+  for _ in range(iters):
+    out = f(*args)
+  jax.block_until_ready(out)
+  return (time.perf_counter() - t) / iters * 1e6
+
+
+def _materialize(sds_tree, key):
+  leaves, tree = jax.tree.flatten(sds_tree)
+  keys = jax.random.split(key, len(leaves))
+  out = []
+  for k, s in zip(keys, leaves):
+    scale = 1.0 if len(s.shape) != 2 else s.shape[0] ** -0.5
+    out.append((jax.random.normal(k, s.shape, jnp.float32) * scale).astype(s.dtype))
+  return jax.tree.unflatten(tree, out)
+
+
+def check(shape, dtype, batch, interpret, iters):
+  import dataclasses
+  import kernels
+  from kernels.triton_gpu import compile_report as cr
+  s = dataclasses.replace(shape, b=batch)
+  _, sds = cr.shape_fn(s, dtype)
+  args = _materialize(sds, jax.random.key(0))
+  if s.op == "attention":
+    def op(impl):
+      return lambda q, k, v: kernels.cross_attention(q, k, v, implementation=impl,
+                                                     interpret=interpret)
+  else:
+    fn = kernels.read_block if s.op == "read" else kernels.write_block
+    def op(impl):
+      return lambda a, b, p: fn(a, b, p, num_heads=s.heads, implementation=impl,
+                                interpret=interpret)
+  argn = tuple(range(3))
+  loss = lambda f: lambda *a: jnp.sum(f(*a).astype(jnp.float32) ** 2)
+  with jax.experimental.enable_x64():
+    a64 = jax.tree.map(lambda x: x.astype(jnp.float64), args)
+    want = op("xla")(*a64)
+    gwant = jax.grad(loss(op("xla")), argnums=argn)(*a64)
+  got = jax.jit(op("triton"))(*args)
+  ggot = jax.jit(jax.grad(loss(op("triton")), argnums=argn))(*args)
+  row = dict(shape=s.name, dtype=jnp.dtype(dtype).name, fwd_err=_rel_err(got, want),
+             grad_err=_rel_err(ggot, gwant))
+  for impl in ("triton", "xla"):
+    row[f"{impl}_fwd_us"] = _time(jax.jit(op(impl)), args, iters)
+    row[f"{impl}_fwdbwd_us"] = _time(jax.jit(jax.grad(loss(op(impl)), argnums=argn)), args, iters)
+  if s.op == "attention":
+    dpa = lambda q, k, v: jax.nn.dot_product_attention(q, k, v)
+    row["dpa_fwd_us"] = _time(jax.jit(dpa), args, iters)
+    row["dpa_fwdbwd_us"] = _time(jax.jit(jax.grad(loss(dpa), argnums=argn)), args, iters)
+  return row
+
+
+def main(argv=None):
+  import jax.experimental  # noqa: F401  (enable_x64)
+  from kernels.triton_gpu import compile_report as cr
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--out", default="bench/results/triton_gpu_check.md")
+  ap.add_argument("--batch", type=int, default=32)
+  ap.add_argument("--dtypes", default="bfloat16,float16,float32")
+  ap.add_argument("--iters", type=int, default=20)
+  ap.add_argument("--interpret", action="store_true", help="CPU dry run via the interpreter")
+  ap.add_argument("--quick", action="store_true", help="first shape only")
+  a = ap.parse_args(argv)
+  shapes = cr.PUBLISHED[:1] if a.quick else cr.PUBLISHED
+  rows = []
+  for dt in a.dtypes.split(","):
+    if a.interpret and dt == "bfloat16":
+      continue  # the interpreter's bf16 dot is wrong
+    for s in shapes:
+      r = check(s, jnp.dtype(dt), a.batch, a.interpret, a.iters)
+      print(r, flush=True)
+      rows.append(r)
+  cols = ["shape", "dtype", "fwd_err", "grad_err", "triton_fwd_us", "xla_fwd_us", "dpa_fwd_us",
+          "triton_fwdbwd_us", "xla_fwdbwd_us", "dpa_fwdbwd_us"]
+  lines = [f"# Triton kernels on {jax.devices()[0].device_kind} "
+           f"({'interpreter dry run' if a.interpret else 'jax-triton'}), batch {a.batch}", "",
+           "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+  for r in rows:
+    lines.append("| " + " | ".join(
+        f"{r[c]:.3g}" if isinstance(r.get(c), float) else str(r.get(c, "-")) for c in cols) + " |")
+  os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+  with open(a.out, "w") as fh:
+    fh.write("\n".join(lines) + "\n")
+  print("\n".join(lines))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

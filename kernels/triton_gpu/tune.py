@@ -1,0 +1,131 @@
+"""Regenerates autotune_table.py on a GPU by timing candidate block sizes.
+
+    python -m kernels.triton_gpu.tune [--dtype bfloat16] [--write]
+
+For each attention and token-wise matmul shape of the published RIN configs
+(kernels.triton_gpu.compile_report.PUBLISHED, at --batch), times forward +
+backward of the op through jax-triton for every candidate in a small grid, keeps
+the fastest, prints the table and (with --write) rewrites autotune_table.py.
+Needs an NVIDIA GPU with jax-triton; not runnable on CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import pprint
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+ATTN_GRID = dict(block_q=(32, 64, 128), block_kv=(32, 64, 128), num_warps=(4, 8),
+                 num_stages=(2, 3))
+LINEAR_GRID = dict(block_rows=(32, 64, 128), block_cols=(64, 128), block_k=(32, 64),
+                   num_warps=(4, 8), num_stages=(2, 3))
+
+
+def _time(f, *args, iters=20):
+  jax.block_until_ready(f(*args))
+  t = time.perf_counter()
+  for _ in range(iters):
+    out = f(*args)
+  jax.block_until_ready(out)
+  return (time.perf_counter() - t) / iters
+
+
+def _best(make_fn, args, grid):
+  best = None
+  for values in itertools.product(*grid.values()):
+    cand = dict(zip(grid, values))
+    try:
+      t = _time(make_fn(cand), *args)
+    except Exception as e:  # invalid for this shape (budget, compile failure)
+      print("  skip", cand, type(e).__name__, str(e)[:80])
+      continue
+    if best is None or t < best[0]:
+      best = (t, cand)
+  return best
+
+
+def tune(dtype, batch):
+  from kernels.triton_gpu import compile_report as cr
+  from kernels.triton_gpu import config
+  from kernels.triton_gpu.attention import cross_attention
+  from kernels.triton_gpu.linear import fused_linear
+  table = {}
+  seen = set()
+  for s in cr.PUBLISHED:
+    heads = s.heads
+    dh = s.head_dim or s.width // s.heads
+    for lq, lk in ((s.lq, s.lk),):
+      key = f"attn:{lq}x{lk}x{dh}:{dtype}"
+      if key in seen:
+        continue
+      seen.add(key)
+      ks = jax.random.split(jax.random.key(0), 3)
+      q = jax.random.normal(ks[0], (batch, lq, heads, dh), dtype)
+      k = jax.random.normal(ks[1], (batch, lk, heads, dh), dtype)
+      v = jax.random.normal(ks[2], (batch, lk, heads, dh), dtype)
+      def make(c):
+        bs = config.BlockSizes(**c, block_q_bwd=c["block_q"], block_kv_bwd=c["block_kv"])
+        return jax.jit(jax.grad(lambda q, k, v: jnp.sum(cross_attention(
+            q, k, v, block_sizes=bs).astype(jnp.float32)), argnums=(0, 1, 2)))
+      best = _best(make, (q, k, v), ATTN_GRID)
+      if best:
+        c = best[1]
+        table[key] = dict(c, block_q_bwd=c["block_q"], block_kv_bwd=c["block_kv"])
+        print(key, f"{best[0] * 1e6:.1f} us", table[key])
+    if s.op == "attention":
+      continue
+    # Token-wise matmuls of the block (rows looked up by power-of-two bucket).
+    shapes = [(s.lq, s.cq, s.width), (s.lk, s.ckv, s.width), (s.lq, s.width, s.cq)]
+    if s.mlp:
+      shapes += [(s.lq, s.cq, s.mlp), (s.lq, s.mlp, s.cq)]
+    for r, kk, n in shapes:
+      r *= batch
+      key = f"linear:{config.next_pow2(r)}x{kk}x{n}:{dtype}"
+      if key in seen:
+        continue
+      seen.add(key)
+      x = jax.random.normal(jax.random.key(1), (r, kk), dtype)
+      w = jax.random.normal(jax.random.key(2), (kk, n), dtype) * kk ** -0.5
+      b = jnp.zeros((n,), dtype)
+      def make(c):
+        bs = config.BlockSizes(**c)
+        return jax.jit(jax.grad(lambda x, w, b: jnp.sum(fused_linear(
+            x, w, b, block_sizes=bs).astype(jnp.float32)), argnums=(0, 1, 2)))
+      best = _best(make, (x, w, b), LINEAR_GRID)
+      if best:
+        table[key] = best[1]
+        print(key, f"{best[0] * 1e6:.1f} us", table[key])
+  return table
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--dtype", default="bfloat16")
+  ap.add_argument("--batch", type=int, default=32)
+  ap.add_argument("--write", action="store_true")
+  a = ap.parse_args(argv)
+  if jax.default_backend() != "gpu":
+    print("tune.py needs a GPU (jax.default_backend() is "
+          f"{jax.default_backend()!r})", file=sys.stderr)
+    return 2
+  table = tune(jnp.dtype(a.dtype), a.batch)
+  text = pprint.pformat(table, width=100, sort_dicts=True)
+  print(text)
+  if a.write:
+    from kernels.triton_gpu import autotune_table
+    path = autotune_table.__file__
+    src = open(path).read()
+    head = src[: src.index("TABLE")]
+    with open(path, "w") as fh:
+      fh.write(head + f"TABLE: dict[str, dict[str, int]] = {text}\n")
+    print("wrote", os.path.relpath(path))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

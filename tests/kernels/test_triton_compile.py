@@ -1,0 +1,55 @@
+"""Every Triton kernel variant at the published RIN shapes compiles for sm_90
+(Hopper) and sm_80 (Ampere) on this CPU-only machine, without register spills and
+within the per-block shared-memory limit. Figures are printed (pytest -s) and
+kept in bench/results/triton_compile_report.md (python -m kernels.triton_gpu.compile_report).
+"""
+import jax.numpy as jnp
+import pytest
+
+from kernels.triton_gpu import compile_report as cr
+
+CIFAR = tuple(s for s in cr.PUBLISHED if s.name.startswith("cifar10"))
+IMAGENET = tuple(s for s in cr.PUBLISHED if s.name.startswith("imagenet64"))
+
+
+def _compile_and_check(shapes, dtypes):
+  rows = cr.run(shapes=shapes, dtypes=dtypes)
+  kernels_seen = {r.kernel for r, _ in rows}
+  for r, where in rows:
+    print(f"{r.kernel:28s} sm_{r.arch} regs={r.regs:3d} spill={r.spill_bytes} "
+          f"smem={r.shared_bytes:6d}  {r.key}")
+    assert r.regs > 0
+  bad = cr.violations(rows)
+  assert not bad, "\n".join(bad)
+  return kernels_seen
+
+
+def test_recorder_sees_every_kernel():
+  # The forward+backward of one write block (with MLP) and one read block launch all 8 kernels.
+  recs = cr.unique_records(shapes=CIFAR, dtypes=("bfloat16",))
+  names = {r.kernel.__name__ for r in recs}
+  assert names == {"_attn_fwd_kernel", "_attn_combine_kernel", "_attn_bwd_delta_kernel",
+                   "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel", "_fused_linear_kernel",
+                   "_layer_norm_fwd_kernel", "_layer_norm_bwd_kernel"}, names
+
+
+def test_cifar10_shapes_compile_bf16():
+  _compile_and_check(CIFAR, ("bfloat16",))
+
+
+@pytest.mark.slow
+def test_imagenet64_shapes_compile_bf16():
+  _compile_and_check(IMAGENET, ("bfloat16",))
+
+
+@pytest.mark.slow
+def test_all_shapes_compile_fp32():
+  _compile_and_check(cr.PUBLISHED, ("float32",))
+
+
+def test_violations_flag_spills_and_shared_memory():
+  ok = cr.Result("k", 90, 4, 2, 64, 0, 1000, "")
+  spill = cr.Result("k", 80, 4, 2, 255, 16, 1000, "")
+  smem = cr.Result("k", 80, 4, 2, 64, 0, 170 * 1024, "")
+  assert cr.violations([(ok, [])]) == []
+  assert len(cr.violations([(spill, []), (smem, [])])) == 2
