@@ -355,10 +355,13 @@ def test_iterator_argument_errors(kwargs, match):
     data.make_train_iterator(ds, seed=kwargs.pop("seed", 0), **kwargs)
 
 
-def test_iterator_multiprocess_prefetch_matches_threads():
+# Each grain worker is a spawned process that imports grain (and rin): seconds each, more on
+# a busy machine, so the 2-worker case (which also interleaves worker slices) is marked slow.
+@pytest.mark.parametrize("workers", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_iterator_multiprocess_prefetch_matches_threads(workers):
   ds = _toy()
   ref = _take(data.make_train_iterator(ds, batch_size=4, seed=9), 5)
-  it = data.make_train_iterator(ds, batch_size=4, seed=9, worker_count=2)
+  it = data.make_train_iterator(ds, batch_size=4, seed=9, worker_count=workers)
   try:
     got = _take(it, 3)
     state = json.loads(json.dumps(it.get_state()))
@@ -366,7 +369,7 @@ def test_iterator_multiprocess_prefetch_matches_threads():
     it.close()
   for x, y in zip(ref, got):
     np.testing.assert_array_equal(x["image"], y["image"])
-  it2 = data.make_train_iterator(ds, batch_size=4, seed=9, worker_count=2)
+  it2 = data.make_train_iterator(ds, batch_size=4, seed=9, worker_count=workers)
   try:
     it2.set_state(state)
     rest = _take(it2, 2)
