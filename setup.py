@@ -22,10 +22,12 @@ setup(
         "tensorboardX",
         "matplotlib",
         "scipy",
+        "threadpoolctl",
     ],
     extras_require={
-        "test": ["pytest", "pytest-xdist", "hypothesis"],
+        # torch only feeds Triton's CPU interpreter in the tests (jax-triton needs a GPU).
+        "test": ["pytest", "pytest-xdist", "hypothesis", "triton", "jax-triton", "torch"],
         "gpu": ["jax-triton", "triton"],
-        "bench": ["rin-pytorch"],
+        "bench": ["rin-pytorch", "torchvision", "tokamax"],
     },
 )
