@@ -1,10 +1,14 @@
 """Sampling: `python -m rin.sample --config rin/configs/digits.py --workdir runs/digits`.
 
-Loads the latest checkpoint's EMA weights from the workdir, draws `--num_samples`
+Loads the newest readable checkpoint's EMA weights from the workdir, draws `--num_samples`
 images (labels given with --label or drawn uniformly), writes a PNG grid and an .npz.
+With --eval, scores the samples (the digits metric on digits data; FID/IS when
+config.eval.inception_path names Inception weights), prints the numbers, writes them to
+<out>_metrics.json and appends them to <workdir>/metrics.jsonl as "sample/..." records.
 """
 from __future__ import annotations
 
+import json
 import os
 
 import jax
@@ -26,6 +30,7 @@ _LABEL = flags.DEFINE_integer("label", None, "Class label for all samples (defau
 _BATCH = flags.DEFINE_integer("batch_size", 256, "Images per device call.")
 _IMPL = flags.DEFINE_string("implementation", None, "Kernel implementation.")
 _INTERPRET = flags.DEFINE_bool("interpret", False, "Run kernels in their interpreter.")
+_EVAL = flags.DEFINE_bool("eval", False, "Score the samples (digits metric / FID / IS).")
 
 
 def load_ema_params(config, workdir: str, model):
@@ -38,9 +43,22 @@ def load_ema_params(config, workdir: str, model):
   if mngr.latest_step() is None:
     raise FileNotFoundError(f"no checkpoint found in {ckpt_dir}")
   abstract = jax.eval_shape(lambda: train_lib.init_state(config, model, jax.random.PRNGKey(0)))
-  state, _ = train_lib.restore_checkpoint(mngr, abstract)
-  logging.info("loaded step %d from %s", int(state.step), ckpt_dir)
-  return state.ema_params, int(state.step)
+  state, _, step = train_lib.restore_latest(mngr, abstract, workdir)
+  mngr.close()
+  logging.info("loaded step %d from %s", step, ckpt_dir)
+  return state.ema_params, step
+
+
+def evaluate_samples(config, images, labels=None, dataset=None) -> dict:
+  """Metrics of samples [N,H,W,C] in [-1,1] (see rin.train.Evaluator)."""
+  if not train_lib.has_eval_metric(config):
+    raise ValueError(f"--eval: no metric for data set {config.data.name!r}; set "
+                     "config.eval.inception_path to an Inception weights file for FID/IS")
+  if dataset is None and config.get("eval", {}).get("inception_path", "") and \
+      not config.eval.get("fid_reference", ""):
+    dataset = train_lib.load_and_check_data(config)
+  ev = train_lib.Evaluator(config, dataset)
+  return ev(images, labels if config.model.num_classes > 0 else None)
 
 
 def generate(config, params, model, *, num_samples: int, seed: int = 0, label=None,
@@ -73,6 +91,18 @@ def main(argv):
   train_lib.save_image_grid(images, out + ".png")
   np.savez(out + ".npz", images=images, labels=labels)
   print(f"wrote {len(images)} samples to {out}.png and {out}.npz")
+  if _EVAL.value:
+    res = evaluate_samples(config, images, labels)
+    res.update(num_samples=len(images), sampler=_SAMPLER.value or config.diffusion.sampler,
+               sample_steps=_STEPS.value or config.diffusion.sample_steps, checkpoint_step=step)
+    with open(out + "_metrics.json", "w") as f:
+      json.dump(res, f, indent=2)
+    from rin import logging_utils
+    writer = logging_utils.MetricWriter(_WORKDIR.value)
+    writer.write(step, {k: v for k, v in res.items() if k != "sampler"}, prefix="sample/")
+    writer.close()
+    print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v)
+                      for k, v in res.items()}))
 
 
 if __name__ == "__main__":

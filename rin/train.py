@@ -4,14 +4,32 @@ Per step: t ~ U(0,1) per example, x_t = sqrt(g) x0 + sqrt(1-g) eps; a first pass
 z_prev = 0 (dropout on) whose latents are kept per example with probability
 `self_cond_rate` (stop-gradient); a second pass from those latents; MSE to the target.
 LAMB + warm-up/cosine, EMA weights. Everything needed to resume (params, EMA, optimiser
-state, step, RNG, data-iterator state) is checkpointed with orbax.
+state, step, RNG, data-iterator state of every host) is checkpointed with orbax.
+
+Scaling: the step is jitted over a 1-D device mesh ("data") spanning every device of every
+process (`rin.distributed`): the batch is split over it, the weights are replicated (or
+FSDP-sharded with config.train.fsdp) and XLA inserts the gradient all-reduce. The model's
+apply runs under `jax.shard_map` on each device's slice of the batch, so the fused kernels
+(custom calls) are never handed to the SPMD partitioner. Multi-host: --coordinator,
+--num_processes, --process_id (or JAX's environment) start `jax.distributed`; each host
+reads its own shard of the data.
+
+Fault tolerance: atomic checkpoints every config.train.checkpoint_every steps and on
+SIGTERM/SIGINT (the loop finishes its step, saves, and exits 0); resume picks the newest
+readable checkpoint (a corrupt one is reported, moved aside, and the previous one used);
+a NaN/Inf loss stops the run with its step number (config.train.nonfinite="stop") or
+skips that update ("skip"). Evaluation (digits metric, FID/IS with a user-supplied
+Inception file) every config.train.eval_every steps; metrics in metrics.jsonl and
+TensorBoard.
 """
 from __future__ import annotations
 
-import base64
 import functools
 import json
+import math
 import os
+import signal
+import threading
 import time
 from typing import Any
 
@@ -25,8 +43,11 @@ from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 from tqdm.auto import tqdm
 
+from rin import checkpoint as ckpt_lib
 from rin import data as data_lib
 from rin import diffusion
+from rin import distributed
+from rin import logging_utils
 from rin.model import RIN
 from rin.optim import make_optimizer
 
@@ -67,9 +88,38 @@ def init_state(config: ConfigDict, model: RIN, rng) -> TrainState:
                     opt_state=tx.init(params), rng=state_rng)
 
 
-def loss_and_metrics(params, model: RIN, config: ConfigDict, batch, rng):
-  """The self-conditioned diffusion loss for one batch."""
+def make_apply(model: RIN, mesh=None):
+  """(params, x_t, gamma, labels|None, prev|None, dropout_rng) -> (pred, z), train mode.
+
+  With a multi-device mesh the apply runs under shard_map, once per device on its slice of
+  the batch (weights replicated into it), so kernel custom calls stay per-device; each
+  device folds its index into the dropout key.
+  """
+  def apply(params, x_t, gamma, labels, prev, rng):
+    return model.apply({"params": params}, x_t, gamma, labels, prev, train=True,
+                       rngs={"dropout": rng})
+
+  if mesh is None or mesh.size == 1:
+    return apply
+
+  def per_device(params, rng, x_t, gamma, labels, prev):
+    rng = jax.random.fold_in(rng, jax.lax.axis_index(distributed.DATA_AXIS))
+    return apply(params, x_t, gamma, labels, prev, rng)
+
+  sharded = distributed.shard_map_apply(per_device, mesh, num_replicated=2, num_batched=4,
+                                        num_out=2)
+  return lambda params, x_t, gamma, labels, prev, rng: sharded(params, rng, x_t, gamma,
+                                                               labels, prev)
+
+
+def loss_and_metrics(params, model: RIN, config: ConfigDict, batch, rng, *, mesh=None):
+  """The self-conditioned diffusion loss for one batch (float32 whatever the compute dtype).
+
+  All randomness (t, noise, self-conditioning coins) is drawn for the global batch, so a
+  sharded run draws the same numbers as an unsharded one.
+  """
   d = config.diffusion
+  apply = make_apply(model, mesh)
   x0, labels = batch["image"], batch["label"]
   b = x0.shape[0]
   r_t, r_eps, r_keep, r_drop1, r_drop2 = jax.random.split(rng, 5)
@@ -80,19 +130,20 @@ def loss_and_metrics(params, model: RIN, config: ConfigDict, batch, rng):
 
   prev = None
   if d.self_cond_rate > 0:
-    _, z = model.apply({"params": params}, x_t, gamma, num_labels, None, train=True,
-                       rngs={"dropout": r_drop1})
+    _, z = apply(params, x_t, gamma, num_labels, None, r_drop1)
     keep = jax.random.bernoulli(r_keep, d.self_cond_rate, (b, 1, 1))   # per example
-    prev = jnp.where(keep, jax.lax.stop_gradient(z), 0.0)
-  pred, _ = model.apply({"params": params}, x_t, gamma, num_labels, prev, train=True,
-                        rngs={"dropout": r_drop2})
+    prev = jnp.where(keep, jax.lax.stop_gradient(z), 0.0).astype(z.dtype)
+  pred, _ = apply(params, x_t, gamma, num_labels, prev, r_drop2)
   target = diffusion.training_target(d.target, x0, eps, gamma)
-  loss = jnp.mean(jnp.square(pred - target))
+  loss = jnp.mean(jnp.square(pred.astype(jnp.float32) - target))
   return loss
 
 
-def make_train_step(model: RIN, config: ConfigDict):
-  """(state, batch) -> (state, metrics); not jitted (callers jit, with shardings)."""
+def make_train_step(model: RIN, config: ConfigDict, *, mesh=None):
+  """(state, batch) -> (state, metrics); not jitted (callers jit, with shardings).
+
+  mesh: run the model apply per device under shard_map (see make_apply).
+  """
   tx = make_optimizer(config.optim, config.train.num_steps)
   ema_decay = config.optim.ema_decay
   skip_nonfinite = config.train.get("nonfinite", "stop") == "skip"
@@ -101,12 +152,13 @@ def make_train_step(model: RIN, config: ConfigDict):
 
   def step_fn(state: TrainState, batch):
     rng = jax.random.fold_in(state.rng, state.step)
-    loss, grads = jax.value_and_grad(loss_and_metrics)(state.params, model, config, batch, rng)
+    loss, grads = jax.value_and_grad(loss_and_metrics)(state.params, model, config, batch, rng,
+                                                       mesh=mesh)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p,
                        state.ema_params, params)
-    finite = jnp.isfinite(loss)
+    finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
     new = state.replace(step=state.step + 1, params=params, ema_params=ema,
                         opt_state=opt_state)
     if skip_nonfinite:   # keep the old weights, still advance the step counter
@@ -120,13 +172,16 @@ def make_train_step(model: RIN, config: ConfigDict):
 
 
 def make_sample_fn(model: RIN, config: ConfigDict, *, num_steps: int | None = None,
-                   sampler: str | None = None):
-  """(params, rng, labels [B]) -> images [B,H,W,C] in [-1, 1]; jitted."""
+                   sampler: str | None = None, out_sharding=None):
+  """(params, rng, labels [B]) -> images [B,H,W,C] in [-1, 1]; jitted.
+
+  out_sharding: e.g. a replicated NamedSharding, so every process can read the images.
+  """
   d, m = config.diffusion, config.model
   steps = num_steps or d.sample_steps
   sampler = sampler or d.sampler
 
-  @jax.jit
+  @functools.partial(jax.jit, out_shardings=out_sharding)
   def sample_fn(params, rng, labels):
     b = labels.shape[0]
     lab = labels if m.num_classes > 0 else None
@@ -148,56 +203,15 @@ def draw_labels(rng, config: ConfigDict, n: int):
 
 
 # ----------------------------------------------------------------------------
-# Checkpoints and logs.
+# Checkpoints and logs (implemented in rin.checkpoint; the names stay importable here).
 # ----------------------------------------------------------------------------
 
-def _encode_iter_state(s) -> dict:
-  if isinstance(s, (bytes, bytearray)):
-    return {"bytes_b64": base64.b64encode(bytes(s)).decode()}
-  return {"json": s}
-
-
-def _decode_iter_state(d: dict):
-  return base64.b64decode(d["bytes_b64"]) if "bytes_b64" in d else d["json"]
-
-
-def checkpoint_manager(workdir: str, config: ConfigDict) -> ocp.CheckpointManager:
-  opts = ocp.CheckpointManagerOptions(max_to_keep=config.train.get("keep_checkpoints", 3),
-                                      create=True)
-  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
-                               options=opts)
-
-
-def save_checkpoint(mngr, state: TrainState, iterator) -> None:
-  step = int(state.step)
-  mngr.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state),
-      data=ocp.args.JsonSave(_encode_iter_state(iterator.get_state()))))
-  mngr.wait_until_finished()
-
-
-def restore_checkpoint(mngr, abstract_state: TrainState, step: int | None = None):
-  """(state, data-iterator state) of `step` (default latest)."""
-  step = mngr.latest_step() if step is None else step
-  out = mngr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-  return out.state, _decode_iter_state(out.data)
-
-
-def check_config_matches(workdir: str, config: ConfigDict) -> None:
-  """Writes config.json on first use; refuses a workdir trained with another model."""
-  path = os.path.join(workdir, "config.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      saved = json.load(f)
-    if saved.get("model") != json.loads(config.model.to_json()):
-      raise ValueError(
-          f"workdir {workdir!r} holds checkpoints of a different model config "
-          f"({path}); use a fresh --workdir or the original config")
-  else:
-    os.makedirs(workdir, exist_ok=True)
-    with open(path, "w") as f:
-      f.write(config.to_json(indent=2, sort_keys=True))
+checkpoint_manager = ckpt_lib.checkpoint_manager
+save_checkpoint = ckpt_lib.save_checkpoint
+restore_checkpoint = ckpt_lib.restore_checkpoint
+restore_latest = ckpt_lib.restore_latest
+check_config_matches = ckpt_lib.check_config_matches
+CheckpointError = ckpt_lib.CheckpointError
 
 
 def save_image_grid(images, path: str) -> None:
@@ -219,73 +233,305 @@ def save_image_grid(images, path: str) -> None:
 
 
 # ----------------------------------------------------------------------------
+# Evaluation.
+# ----------------------------------------------------------------------------
+
+def has_eval_metric(config: ConfigDict) -> bool:
+  """Whether Evaluator(config) has any metric (same answer on every process)."""
+  ev = config.get("eval", ConfigDict())
+  digits = (config.data.name == "digits" and config.model.channels == 1
+            and ev.get("digits", True))
+  return bool(digits or ev.get("inception_path", ""))
+
+
+class Evaluator:
+  """Sample-quality metrics for a config: the digits metric on the embedded digits data,
+  FID/IS when config.eval.inception_path names an Inception weights file."""
+
+  def __init__(self, config: ConfigDict, dataset=None):
+    from rin import metrics
+    ev = config.get("eval", ConfigDict())
+    self.parts = []
+    m = config.model
+    if config.data.name == "digits" and m.channels == 1 and ev.get("digits", True):
+      self.parts.append(("", metrics.DigitsEvaluator(m.image_size)))
+    path = ev.get("inception_path", "")
+    if path:
+      ref = ev.get("fid_reference", "")
+      if not ref:
+        if dataset is None:
+          raise ValueError("config.eval.inception_path is set: give config.eval.fid_reference "
+                           "(an .npz with mu and sigma) or training data for reference stats")
+        n = min(len(dataset), ev.get("fid_reference_images", 10_000))
+        ref = dataset.images[:n].astype(np.float32) / 127.5 - 1.0
+        if ref.shape[-1] == 1:
+          ref = np.repeat(ref, 3, axis=-1)
+      self.parts.append(("", _RGBWrapper(metrics.FIDEvaluator(ref, weights_path=path))))
+    if not self.parts:
+      logging.warning("no evaluation metric for data set %r without config.eval.inception_path",
+                      config.data.name)
+
+  def __bool__(self):
+    return bool(self.parts)
+
+  def __call__(self, samples, labels=None) -> dict:
+    """Scores samples [N,H,W,C] in [-1, 1] (labels: the classes they were drawn for)."""
+    from rin import metrics
+    out = {}
+    for prefix, ev in self.parts:
+      res = ev(samples, labels) if isinstance(ev, metrics.DigitsEvaluator) else ev(samples)
+      out.update({prefix + k: v for k, v in res.items()})
+    return out
+
+
+class _RGBWrapper:
+  """Grey images -> 3 channels for the Inception network."""
+
+  def __init__(self, ev):
+    self.ev = ev
+
+  def __call__(self, samples):
+    x = np.asarray(samples)
+    return self.ev(np.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x)
+
+
+def evaluate(config: ConfigDict, evaluator, sample_fn, params, *, seed: int,
+             num_samples: int, batch_size: int):
+  """Draws `num_samples` EMA samples (all processes) and scores them (primary only)."""
+  rng = jax.random.PRNGKey(seed)
+  labels = draw_labels(jax.random.fold_in(rng, 1), config, num_samples)
+  images = []
+  for i, s in enumerate(range(0, num_samples, batch_size)):
+    images.append(distributed.to_host(sample_fn(params, jax.random.fold_in(rng, 2 + i),
+                                                labels[s:s + batch_size])))
+  images = np.concatenate(images)
+  if not distributed.is_primary():
+    return {}, images
+  res = evaluator(images, np.asarray(labels) if config.model.num_classes > 0 else None)
+  return res, images
+
+
+# ----------------------------------------------------------------------------
+# Input checks (before anything is written to the workdir).
+# ----------------------------------------------------------------------------
+
+def load_and_check_data(config: ConfigDict):
+  m = config.model
+  if m.image_size % m.patch_size:
+    raise ValueError(f"config.model.image_size={m.image_size} is not divisible by "
+                     f"config.model.patch_size={m.patch_size}")
+  dataset = data_lib.load_dataset(config.data.name, path=config.data.path or None,
+                                  image_size=m.image_size)
+  h, w, c = dataset.image_shape
+  if (h, w) != (m.image_size, m.image_size):
+    raise ValueError(f"data set {config.data.name!r} yields {h}x{w} images but "
+                     f"config.model.image_size={m.image_size}")
+  if c != m.channels:
+    raise ValueError(f"data set {config.data.name!r} has {c} channels but "
+                     f"config.model.channels={m.channels}")
+  if m.num_classes > 0 and dataset.num_classes > m.num_classes:
+    raise ValueError(f"data set has {dataset.num_classes} classes but "
+                     f"config.model.num_classes={m.num_classes}")
+  if config.train.batch_size > len(dataset):
+    raise ValueError(f"config.train.batch_size={config.train.batch_size} exceeds the "
+                     f"{len(dataset)} training images of {config.data.name!r}")
+  return dataset
+
+
+# ----------------------------------------------------------------------------
 # The loop.
 # ----------------------------------------------------------------------------
 
+class _StopFlag:
+  """Set by SIGTERM/SIGINT; the loop checkpoints and exits at the end of its step."""
+
+  def __init__(self):
+    self.signum = None
+    self._old = {}
+
+  def install(self):
+    if threading.current_thread() is not threading.main_thread():
+      return self
+    for s in (signal.SIGTERM, signal.SIGINT):
+      self._old[s] = signal.signal(s, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    if self.signum is not None and signum == signal.SIGINT:   # second Ctrl-C: stop now
+      raise KeyboardInterrupt
+    self.signum = signum
+    logging.warning("received %s: will checkpoint and stop after this step",
+                    signal.Signals(signum).name)
+
+  def uninstall(self):
+    for s, h in self._old.items():
+      signal.signal(s, h)
+    self._old = {}
+
+
+def abstract_train_state(config: ConfigDict, model: RIN, mesh=None):
+  """ShapeDtypeStructs (with shardings when mesh is given) of the train state."""
+  abstract = jax.eval_shape(lambda: init_state(config, model, jax.random.PRNGKey(0)))
+  if mesh is None:
+    return abstract, None
+  shardings = distributed.state_shardings(abstract, mesh, fsdp=config.train.get("fsdp", False),
+                                          min_size=config.train.get("fsdp_min_size", 0))
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, shardings)
+  return abstract, shardings
+
+
 def train(config: ConfigDict, workdir: str, *, implementation: str | None = None,
           interpret: bool = False, progress: bool = True,
-          stop_after: int | None = None) -> TrainState:
-  """Trains (resuming from the latest checkpoint in `workdir` if any); returns the state.
+          stop_after: int | None = None, stop_at_step: int | None = None,
+          mesh=None) -> TrainState:
+  """Trains (resuming from the newest readable checkpoint in `workdir`); returns the state.
 
   stop_after: end this call after that many steps (as if killed), for resume tests.
+  stop_at_step: end this call (with a checkpoint) once the global step reaches it.
+  mesh: the device mesh (default: every device of every process).
   """
   tc = config.train
-  check_config_matches(workdir, config)
-  dataset = data_lib.load_dataset(config.data.name, path=config.data.path or None,
-                                  image_size=config.model.image_size)
-  if dataset.images.shape[-1] != config.model.channels:
-    raise ValueError(f"data set {config.data.name!r} has {dataset.images.shape[-1]} "
-                     f"channels but config.model.channels={config.model.channels}")
-  if config.model.num_classes > 0 and dataset.num_classes > config.model.num_classes:
-    raise ValueError(f"data set has {dataset.num_classes} classes but "
-                     f"config.model.num_classes={config.model.num_classes}")
-  iterator = data_lib.make_train_iterator(dataset, batch_size=tc.batch_size, seed=tc.seed,
-                                          random_flip=config.data.random_flip)
+  # Everything that can be checked is checked before the workdir is touched.
+  dataset = load_and_check_data(config)
+  mesh = distributed.make_mesh() if mesh is None else mesh
+  distributed.check_batch_divisible(tc.batch_size, mesh)
+  if tc.get("nonfinite", "stop") not in ("stop", "skip"):
+    raise ValueError(f"config.train.nonfinite must be 'stop' or 'skip', got {tc.nonfinite!r}")
   model = create_model(config, implementation=implementation, interpret=interpret)
-  state = init_state(config, model, jax.random.PRNGKey(tc.seed))
-  mngr = checkpoint_manager(workdir, config)
-  if mngr.latest_step() is not None:
-    state, iter_state = restore_checkpoint(mngr, state)
-    iterator.set_state(iter_state)
-    logging.info("resumed from step %d", int(state.step))
+  check_config_matches(workdir, config)
 
-  step_fn = jax.jit(make_train_step(model, config), donate_argnums=(0,))
-  sample_fn = make_sample_fn(model, config, num_steps=tc.sample_steps_during_training)
-  metrics_path = os.path.join(workdir, "metrics.jsonl")
-  start = int(state.step)
-  bar = tqdm(total=tc.num_steps, initial=start, disable=not progress, desc="train",
-             dynamic_ncols=True)
+  iterator = data_lib.make_train_iterator(
+      dataset, batch_size=tc.batch_size, seed=tc.seed, random_flip=config.data.random_flip,
+      shard_index=jax.process_index(), shard_count=jax.process_count(),
+      worker_count=config.data.get("worker_count", 0))
+  abstract, shardings = abstract_train_state(config, model, mesh)
+  writer = logging_utils.MetricWriter(workdir, tensorboard=tc.get("tensorboard", True))
+  mngr = checkpoint_manager(workdir, config)
+  restored = restore_latest(mngr, abstract, workdir, validate_iter=None)
+  if restored is not None:
+    state, iter_state, step0 = restored
+    iterator.set_state(iter_state)
+    dropped = writer.truncate_after(step0)
+    logging.info("resumed from step %d%s", step0,
+                 f" (dropped {dropped} metric records written after it)" if dropped else "")
+  else:
+    state = jax.jit(lambda k: init_state(config, model, k), out_shardings=shardings)(
+        jax.random.PRNGKey(tc.seed))
+    writer.truncate_after(0)
+
+  rep = distributed.replicated(mesh)
+  batch_sh = distributed.batch_sharding(mesh)
+  step_fn = jax.jit(make_train_step(model, config, mesh=mesh),
+                    in_shardings=(shardings, {"image": batch_sh, "label": batch_sh}),
+                    out_shardings=(shardings, rep), donate_argnums=(0,))
+  sample_fn = make_sample_fn(model, config, num_steps=tc.sample_steps_during_training,
+                             out_sharding=rep)
+  ev_cfg = config.get("eval", ConfigDict())
+  eval_every = tc.get("eval_every", 0) if has_eval_metric(config) else 0
+  evaluator = None
+  eval_sample_fn = None
+
+  def run_eval(step_now):
+    nonlocal evaluator, eval_sample_fn
+    if eval_sample_fn is None:
+      evaluator = Evaluator(config, dataset) if distributed.is_primary() else None
+      eval_sample_fn = make_sample_fn(
+          model, config, num_steps=ev_cfg.get("sample_steps", tc.sample_steps_during_training),
+          out_sharding=rep)
+    t0 = time.perf_counter()
+    res, _ = evaluate(config, evaluator, eval_sample_fn, state.ema_params, seed=tc.seed + 2,
+                      num_samples=ev_cfg.get("num_samples", 256),
+                      batch_size=ev_cfg.get("batch_size", 256))
+    if res:
+      res["eval_seconds"] = time.perf_counter() - t0
+      writer.write(step_now, res, prefix="eval/")
+      logging.info("eval at step %d: %s", step_now,
+                   {k: round(v, 4) for k, v in res.items() if isinstance(v, float)})
+
+  start = int(distributed.to_host(state.step))
+  end = tc.num_steps
+  if stop_after is not None:
+    end = min(end, start + stop_after)
+  if stop_at_step is not None:
+    end = min(end, stop_at_step)
+  if eval_every and start == 0 and ev_cfg.get("at_start", True) and end > 0:
+    run_eval(0)
+
+  stop = _StopFlag().install()
+  bar = tqdm(total=tc.num_steps, initial=start, disable=not progress or not distributed.is_primary(),
+             desc="train", dynamic_ncols=True)
   t_last, n_last = time.perf_counter(), 0
-  end = tc.num_steps if stop_after is None else min(tc.num_steps, start + stop_after)
-  for step in range(start, end):
-    batch = next(iterator)
-    state, metrics = step_fn(state, {"image": jnp.asarray(batch["image"]),
-                                     "label": jnp.asarray(batch["label"])})
-    loss = float(metrics["loss"])
-    if not np.isfinite(loss) and tc.get("nonfinite", "stop") == "stop":
-      raise FloatingPointError(f"non-finite loss {loss} at step {step}; stopping "
-                               f"(last checkpoint kept in {workdir})")
-    n_last += 1
-    done = step + 1
-    if done % tc.log_every == 0 or done == tc.num_steps:
-      dt = time.perf_counter() - t_last
-      rec = {"step": done, "loss": loss, "grad_norm": float(metrics["grad_norm"]),
-             "lr": float(metrics["lr"]), "images_per_s": n_last * tc.batch_size / dt,
-             "time": time.time()}
-      with open(metrics_path, "a") as f:
-        f.write(json.dumps(rec) + "\n")
-      bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rec['images_per_s']:.0f}")
-      t_last, n_last = time.perf_counter(), 0
-    bar.update(1)
-    if done % tc.checkpoint_every == 0 or done == tc.num_steps:
-      save_checkpoint(mngr, state, iterator)
-    if done % tc.sample_every == 0 or done == tc.num_steps:
-      rng = jax.random.PRNGKey(tc.seed + 1)
-      labels = draw_labels(rng, config, tc.num_sample_images)
-      images = sample_fn(state.ema_params, rng, labels)
-      save_image_grid(images, os.path.join(workdir, "samples", f"step_{done:07d}.png"))
-  bar.close()
-  mngr.close()
+  skipped = consecutive_skips = 0
+  max_skips = tc.get("max_consecutive_skips", 100)
+  saved_at = start
+  per_host = tc.batch_size // jax.process_count()
+  try:
+    for step in range(start, end):
+      local = next(iterator)
+      if local["image"].shape[0] != per_host:
+        raise ValueError(f"data iterator yielded {local['image'].shape[0]} images, expected "
+                         f"{per_host} per process")
+      batch = distributed.global_batch({"image": local["image"], "label": local["label"]}, mesh)
+      state, metrics = step_fn(state, batch)
+      loss = float(metrics["loss"])
+      done = step + 1
+      if not bool(metrics["finite"]):
+        gnorm = float(metrics["grad_norm"])
+        if tc.get("nonfinite", "stop") == "stop":
+          writer.write(done, {"event": "nonfinite_stop", "loss": loss, "grad_norm": gnorm})
+          raise FloatingPointError(
+              f"non-finite loss {loss} (grad norm {gnorm}) at step {done}; stopping. The last "
+              f"checkpoint (step {saved_at}) is kept in {workdir}; set "
+              "config.train.nonfinite='skip' to skip such steps instead")
+        skipped += 1
+        consecutive_skips += 1
+        logging.warning("non-finite loss %s (grad norm %s) at step %d: update skipped "
+                        "(%d skipped so far)", loss, gnorm, done, skipped)
+        writer.write(done, {"event": "nonfinite_skip", "loss": loss, "skipped_steps": skipped})
+        if consecutive_skips > max_skips:
+          raise FloatingPointError(
+              f"{consecutive_skips} consecutive non-finite steps up to step {done}; stopping "
+              f"(config.train.max_consecutive_skips={max_skips}); last checkpoint: step "
+              f"{saved_at} in {workdir}")
+      else:
+        consecutive_skips = 0
+      n_last += 1
+      if done % tc.log_every == 0 or done == tc.num_steps:
+        dt = time.perf_counter() - t_last
+        rec = {"loss": loss, "grad_norm": float(metrics["grad_norm"]),
+               "lr": float(metrics["lr"]), "images_per_s": n_last * tc.batch_size / dt,
+               "time": time.time()}
+        if skipped:
+          rec["skipped_steps"] = skipped
+        writer.write(done, rec)
+        bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rec['images_per_s']:.0f}")
+        t_last, n_last = time.perf_counter(), 0
+      bar.update(1)
+      stopping = distributed.any_process(stop.signum is not None)
+      if done % tc.checkpoint_every == 0 or done == tc.num_steps or done == end or stopping:
+        save_checkpoint(mngr, state, iterator)
+        saved_at = done
+      if stopping:
+        logging.warning("stopped by signal at step %d; checkpoint saved in %s", done,
+                        ckpt_lib.checkpoint_dir(workdir))
+        writer.write(done, {"event": "stopped_by_signal"})
+        break
+      if eval_every and (done % eval_every == 0 or done == tc.num_steps):
+        run_eval(done)
+      if tc.num_sample_images > 0 and (done % tc.sample_every == 0 or done == tc.num_steps):
+        rng = jax.random.PRNGKey(tc.seed + 1)
+        labels = draw_labels(rng, config, tc.num_sample_images)
+        images = distributed.to_host(sample_fn(state.ema_params, rng, labels))
+        if distributed.is_primary():
+          path = os.path.join(workdir, "samples", f"step_{done:07d}.png")
+          save_image_grid(images, path)
+          writer.image("samples", path, done)
+  finally:
+    stop.uninstall()
+    bar.close()
+    writer.close()
+    mngr.close()
   return state
 
 
@@ -298,10 +544,31 @@ def main():
                              "Kernel implementation: xla, pallas_tpu, triton (default: "
                              "config.train.implementation, else the platform default).")
   interpret = flags.DEFINE_bool("interpret", False, "Run kernels in their interpreter (CPU).")
+  coordinator = flags.DEFINE_string(
+      "coordinator", None, "Multi-host: address host:port of process 0 (or "
+      "JAX_COORDINATOR_ADDRESS); starts jax.distributed.")
+  num_processes = flags.DEFINE_integer("num_processes", None,
+                                       "Multi-host: number of processes (or JAX_NUM_PROCESSES).")
+  process_id = flags.DEFINE_integer("process_id", None,
+                                    "Multi-host: this process's index (or JAX_PROCESS_ID).")
+  stop_at = flags.DEFINE_integer("stop_at_step", None,
+                                 "Checkpoint and exit once this global step is reached "
+                                 "(the schedule still follows config.train.num_steps).")
+  progress = flags.DEFINE_bool("progress", True, "Show the progress bar.")
 
   def run(argv):
     del argv
-    train(config.value, workdir.value, implementation=impl.value, interpret=interpret.value)
+    distributed.initialize(coordinator.value, num_processes.value, process_id.value)
+    if jax.process_count() > 1:
+      logging.info("process %d of %d, %d local / %d global devices", jax.process_index(),
+                   jax.process_count(), jax.local_device_count(), jax.device_count())
+    try:
+      train(config.value, workdir.value, implementation=impl.value, interpret=interpret.value,
+            stop_at_step=stop_at.value, progress=progress.value)
+    except FloatingPointError as e:
+      logging.error("%s", e)
+      print(f"rin.train: {e}", flush=True)
+      raise SystemExit(3)
 
   app.run(run)
 

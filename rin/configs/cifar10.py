@@ -19,6 +19,16 @@ def get_config() -> ml_collections.ConfigDict:
   c.train = dict(
       batch_size=256, num_steps=150_000, seed=0, log_every=100,
       checkpoint_every=5_000, sample_every=10_000, num_sample_images=64,
-      sample_steps_during_training=100, implementation="", dtype="float32")
+      sample_steps_during_training=100, implementation="", dtype="float32",
+      # Scaling / fault tolerance (rin.train docstring): FSDP-shard weights and optimiser
+      # state over devices; on a NaN/Inf loss "stop" (with the step) or "skip" the update.
+      fsdp=False, nonfinite="stop", max_consecutive_skips=100, keep_checkpoints=3,
+      eval_every=10000, tensorboard=True)
   c.data = dict(name="cifar10", path="", random_flip=True)
+  # Evaluation on EMA samples every train.eval_every steps (0: never): the digits metric
+  # for the digits data; FID/IS when inception_path names an Inception weights .npz
+  # (rin.metrics.InceptionV3), against fid_reference (.npz with mu, sigma) or the
+  # training images.
+  c.eval = dict(num_samples=10000, sample_steps=100, batch_size=256, at_start=True,
+                inception_path="", fid_reference="", fid_reference_images=10_000)
   return c
