@@ -347,3 +347,34 @@ def test_costs_match_hand_counts_and_roofline_writes_json(tmp_path):
   r = rs[0]
   assert r["v5e_roofline_us"] == pytest.approx(
       1e6 * max(r["flops"] / 197e12, r["bytes"] / 819e9))
+
+
+# ----------------------------------------------------------------------------
+# Stronger than export: the real XLA:TPU + Mosaic compilers, deviceless (libtpu).
+# ----------------------------------------------------------------------------
+
+def _libtpu_site():
+  import importlib.util
+  import os
+  if importlib.util.find_spec("libtpu") is not None:
+    return ""
+  site = os.environ.get("RIN_LIBTPU_SITE", "")   # a `pip install --target` dir with libtpu
+  return site if site and os.path.isdir(os.path.join(site, "libtpu")) else None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_libtpu_site() is None,
+                    reason="needs libtpu (pip install libtpu, or RIN_LIBTPU_SITE=<--target dir>)"
+                    "; export lowering above still checks every kernel")
+def test_every_kernel_compiles_for_tpu_v5e_with_libtpu():
+  import os
+  import subprocess
+  import sys
+  env = dict(os.environ)
+  if _libtpu_site():
+    env["PYTHONPATH"] = os.pathsep.join([_libtpu_site(), os.getcwd(), env.get("PYTHONPATH", "")])
+  r = subprocess.run([sys.executable, "-m", "kernels.pallas_tpu.aot_check", "--topology",
+                      "v5e:1x1", "--batch", "8"], env=env, capture_output=True, text=True,
+                     timeout=1500)
+  assert r.returncode == 0 and "\n0 failures" in r.stdout, r.stdout[-4000:] + r.stderr[-2000:]
+  assert r.stdout.count("| yes |") == 2 * (3 * 2 * 5 + 4)
