@@ -69,7 +69,10 @@ def check(shape, dtype, batch, interpret, iters):
                                 interpret=interpret)
   argn = tuple(range(3))
   loss = lambda f: lambda *a: jnp.sum(f(*a).astype(jnp.float32) ** 2)
-  with jax.experimental.enable_x64():
+  x64 = getattr(jax, "enable_x64", None)
+  if x64 is None:
+    from jax.experimental import enable_x64 as x64
+  with x64(True):
     a64 = jax.tree.map(lambda x: x.astype(jnp.float64), args)
     want = op("xla")(*a64)
     gwant = jax.grad(loss(op("xla")), argnums=argn)(*a64)
@@ -88,7 +91,6 @@ def check(shape, dtype, batch, interpret, iters):
 
 
 def main(argv=None):
-  import jax.experimental  # noqa: F401  (enable_x64)
   from kernels.triton_gpu import compile_report as cr
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--out", default="bench/results/triton_gpu_check.md")

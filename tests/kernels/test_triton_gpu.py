@@ -18,7 +18,15 @@ from kernels import reference
 from kernels import triton_gpu
 from kernels.params import ReadBlockParams, WriteBlockParams
 
-jax.config.update("jax_enable_x64", True)
+
+
+@pytest.fixture(autouse=True)
+def _float64_oracle():
+  """float64 for the reference, scoped to this module's tests (no leak into others)."""
+  prev = jax.config.jax_enable_x64
+  jax.config.update("jax_enable_x64", True)
+  yield
+  jax.config.update("jax_enable_x64", prev)
 
 TOL = {jnp.float32: 5e-5, jnp.float16: 2e-2}
 
@@ -63,8 +71,8 @@ def _check_attention(b, lq, lk, h, dh, dtype, block_sizes=None):
 # (batch, q_len, kv_len, heads, head_dim)
 PUBLISHED_ATTENTION = [
     pytest.param(1, 128, 256, 8, 32, id="cifar10_read"),
-    pytest.param(1, 256, 128, 8, 32, id="cifar10_write"),
-    pytest.param(1, 128, 128, 16, 32, id="cifar10_latent_self_attn"),
+    pytest.param(1, 256, 128, 8, 32, id="cifar10_write", marks=pytest.mark.slow),
+    pytest.param(1, 128, 128, 16, 32, id="cifar10_latent_self_attn", marks=pytest.mark.slow),
     pytest.param(1, 128, 256, 16, 32, id="imagenet64_read", marks=pytest.mark.slow),
     pytest.param(1, 256, 128, 16, 32, id="imagenet64_write", marks=pytest.mark.slow),
     pytest.param(1, 128, 128, 16, 48, id="imagenet64_latent_self_attn",
@@ -91,7 +99,7 @@ def test_attention_odd_fp32(b, lq, lk, h, dh):
 
 
 @pytest.mark.parametrize("b,lq,lk,h,dh", [
-    pytest.param(1, 128, 256, 8, 32, id="cifar10_read"),
+    pytest.param(1, 128, 256, 8, 32, id="cifar10_read", marks=pytest.mark.slow),
     pytest.param(1, 7, 200, 2, 72, id="q7_k200_d72"),
 ])
 def test_attention_fp16(b, lq, lk, h, dh):
@@ -139,8 +147,10 @@ def _check_block(direction, b, lq, lk, cq, ckv, width, heads, mlp, dtype):
 
 # (batch, q-side tokens, kv-side tokens, q-side width, kv-side width, attention width, heads, mlp)
 @pytest.mark.parametrize("direction,b,lq,lk,cq,ckv,width,heads,mlp", [
-    pytest.param("read", 1, 128, 256, 512, 256, 256, 8, 0, id="cifar10_read"),
-    pytest.param("write", 1, 256, 128, 256, 512, 256, 8, 512, id="cifar10_write"),
+    pytest.param("read", 1, 128, 256, 512, 256, 256, 8, 0, id="cifar10_read",
+                 marks=pytest.mark.slow),
+    pytest.param("write", 1, 256, 128, 256, 512, 256, 8, 512, id="cifar10_write",
+                 marks=pytest.mark.slow),
     pytest.param("read", 1, 128, 256, 768, 512, 512, 16, 0, id="imagenet64_p4_read",
                  marks=pytest.mark.slow),
     pytest.param("write", 1, 256, 128, 512, 768, 512, 16, 2048, id="imagenet64_p4_write",
@@ -154,7 +164,8 @@ def test_blocks_published_fp32(direction, b, lq, lk, cq, ckv, width, heads, mlp)
 
 @pytest.mark.parametrize("direction,b,lq,lk,cq,ckv,width,heads,mlp", [
     pytest.param("read", 1, 7, 200, 40, 24, 144, 2, 0, id="read_m7_n200_d72"),
-    pytest.param("write", 1, 200, 7, 24, 40, 144, 2, 48, id="write_n200_m7_d72"),
+    pytest.param("write", 1, 200, 7, 24, 40, 144, 2, 48, id="write_n200_m7_d72",
+                 marks=pytest.mark.slow),
     pytest.param("write", 1, 1, 7, 24, 40, 144, 2, 0, id="write_n1_nomlp_d72"),
     pytest.param("read", 1, 1, 1000, 40, 24, 144, 2, 0, id="read_m1_n1000_d72",
                  marks=pytest.mark.slow),
@@ -185,8 +196,8 @@ def test_vmap_and_grad_through_attention():
 def test_vmap_and_grad_through_write_block():
   # Batched inputs with shared weights fold into rows; per-example weight grads use lax.map.
   p = _block_params(jax.random.key(0), 24, 32, 32, 48, jnp.float32, True)
-  x = jax.random.normal(jax.random.key(1), (2, 1, 10, 24))
-  z = jax.random.normal(jax.random.key(2), (2, 1, 6, 32))
+  x = jax.random.normal(jax.random.key(1), (2, 1, 10, 24), jnp.float32)
+  z = jax.random.normal(jax.random.key(2), (2, 1, 6, 32), jnp.float32)
   f = lambda x, z, p: kernels.write_block(x, z, p, num_heads=2, implementation="triton",
                                           interpret=True)
   fr = lambda x, z, p: reference.write_block(x, z, p, num_heads=2)
@@ -234,13 +245,15 @@ def test_whole_model_triton_interpret_matches_xla():
   cfg = digits.get_config()
   b = 2
   m = cfg.model
-  x = jax.random.normal(jax.random.key(0), (b, m["image_size"], m["image_size"], m["channels"]))
-  gamma = jnp.linspace(0.1, 0.9, b)
+  x = jax.random.normal(jax.random.key(0), (b, m["image_size"], m["image_size"], m["channels"]),
+                        jnp.float32)
+  gamma = jnp.linspace(0.1, 0.9, b, dtype=jnp.float32)
   labels = jnp.arange(b, dtype=jnp.int32) % m["num_classes"]
   ref_model = rin.RIN(**m, implementation="xla")
   tri_model = rin.RIN(**m, implementation="triton", interpret=True)
   params = ref_model.init(jax.random.key(1), x, gamma, labels)
-  prev = jax.random.normal(jax.random.key(2), (b, m["num_latents"], m["latent_dim"]))
+  prev = jax.random.normal(jax.random.key(2), (b, m["num_latents"], m["latent_dim"]),
+                           jnp.float32)
 
   def loss(model):
     def f(params):
