@@ -30,6 +30,7 @@ import functools
 import inspect
 import threading
 import types
+import warnings
 from typing import Any, Callable, Sequence
 
 import jax
@@ -129,10 +130,15 @@ def _to_torch(a: np.ndarray):
   import torch
   a = np.ascontiguousarray(a)
   if a.dtype == jnp.bfloat16:
-    return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
-  if not a.flags.writeable:  # torch wants writeable memory; inputs are never written
-    a = a.copy()
-  return torch.from_numpy(a)
+    a = a.view(np.int16)
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore", UserWarning)
+      return torch.from_numpy(a).view(torch.bfloat16)
+  with warnings.catch_warnings():
+    # jax hands read-only buffers; torch warns about those but shares them fine,
+    # and the kernels never write their inputs: no copy.
+    warnings.simplefilter("ignore", UserWarning)
+    return torch.from_numpy(a)
 
 
 def _torch_dtype(dtype):
