@@ -51,7 +51,7 @@ def checkpoint_dir(workdir: str) -> str:
 
 def checkpoint_manager(workdir: str, config: ConfigDict) -> ocp.CheckpointManager:
   opts = ocp.CheckpointManagerOptions(max_to_keep=config.train.get("keep_checkpoints", 3),
-                                      create=True)
+                                      create=True, cleanup_tmp_directories=True)
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=opts)
 
 

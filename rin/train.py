@@ -569,6 +569,15 @@ def main():
       logging.error("%s", e)
       print(f"rin.train: {e}", flush=True)
       raise SystemExit(3)
+    if jax.process_count() > 1:
+      # Everything is saved (the checkpoint save is a barrier). Interpreter teardown of a
+      # gloo-connected process was seen spinning for minutes here, so leave directly.
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("rin_train_done")
+      import sys
+      sys.stdout.flush()
+      sys.stderr.flush()
+      os._exit(0)
 
   app.run(run)
 
