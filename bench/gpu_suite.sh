@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# One-shot GPU suite for a freshly lent H200 (or any CUDA GPU), within 8 minutes:
+#   0. record the machine (nvidia-smi, versions)
+#   1. install the wheels carried in .whl/ (bench/fetch_wheels.sh) that the image lacks,
+#      offline: pip install --no-index --find-links .whl --no-deps
+#   2. kernel numerics on the GPU (kernels.triton_gpu.gpu_check: Triton ops vs the float64
+#      reference, bf16 included), then pytest tests/kernels
+#   3. python -m bench.kernels   (published shapes + sweeps, every implementation)
+#   4. python -m bench.model     (CIFAR-10 train/sample steps: xla, triton, rin-pytorch)
+# Each stage has its own timeout; a stage that fails or times out does not stop the next.
+# Everything goes under $OUT when set, else bench/results/<device>-<date>/.
+#
+#   bash bench/gpu_suite.sh [--dry-run]      # --dry-run: list what would run, run nothing
+set -uo pipefail
+cd "$(dirname "$0")/.."
+DRY=0
+[[ "${1:-}" == "--dry-run" ]] && DRY=1
+if [[ -z "${PY:-}" ]]; then
+  PY=python3
+  [[ -x .venv/bin/python ]] && PY=.venv/bin/python
+fi
+if [[ -n "${OUT:-}" ]]; then
+  RES="$OUT"
+else
+  DEV=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr 'A-Z ' 'a-z-')
+  RES="bench/results/${DEV:-gpu}-$(date -u +%Y%m%d)"
+fi
+# Stage timeouts (seconds); the sum stays under 8 minutes.
+T_INSTALL=${T_INSTALL:-45}
+T_NUMERICS=${T_NUMERICS:-100}
+T_KERNELS=${T_KERNELS:-170}
+T_MODEL=${T_MODEL:-140}
+export XLA_PYTHON_CLIENT_PREALLOCATE=false   # so bench.model's peak memory is the model's
+
+run() {  # run NAME TIMEOUT CMD...
+  local name=$1 t=$2; shift 2
+  if [[ $DRY == 1 ]]; then
+    echo "[$name] timeout ${t}s: $*"
+    return 0
+  fi
+  echo "=== [$name] (timeout ${t}s): $*" | tee -a "$RES/suite.log"
+  local t0=$SECONDS
+  timeout --kill-after=10 "$t" "$@" > >(tee "$RES/$name.log") 2>&1
+  local rc=$?
+  echo "=== [$name] rc=$rc in $((SECONDS - t0))s" | tee -a "$RES/suite.log"
+  return 0
+}
+
+INSTALL_PY='
+import glob, importlib.metadata as md, re, sys
+need = []
+for w in sorted(glob.glob(".whl/*.whl")):
+  dist = re.split(r"-\d", w.split("/")[-1], 1)[0].replace("_", "-").lower()
+  try:
+    md.version(dist)            # already in the image: keep the image version
+  except md.PackageNotFoundError:
+    need.append(w)
+print(" ".join(need))
+'
+
+if [[ $DRY == 1 ]]; then
+  echo "# bench/gpu_suite.sh --dry-run: results would go to $RES"
+  echo "[env] nvidia-smi; $PY -c 'jax/triton/torch versions' > $RES/env.txt"
+  if compgen -G ".whl/*.whl" > /dev/null; then
+    echo "[install] wheels in .whl/: $(ls .whl | tr '\n' ' ')"
+  else
+    echo "[install] .whl/ is empty here: run bash bench/fetch_wheels.sh first"
+  fi
+  echo "[install] timeout ${T_INSTALL}s: $PY -m pip install --no-index --find-links .whl --no-deps <wheels whose package the image lacks>"
+else
+  mkdir -p "$RES"
+  : > "$RES/suite.log"
+  { date -u; nvidia-smi; $PY -c 'import sys, jax; print(sys.version); print(jax.__version__, jax.devices())'; \
+    $PY -m pip list 2>/dev/null | grep -iE "^(jax|jaxlib|jax-cuda|triton|jax-triton|torch|tokamax|rin-pytorch|flax|optax) "; } \
+    > "$RES/env.txt" 2>&1
+  WHEELS=$($PY -c "$INSTALL_PY")
+  if [[ -n "$WHEELS" ]]; then
+    run install "$T_INSTALL" $PY -m pip install --no-index --find-links .whl --no-deps $WHEELS
+  else
+    echo "=== [install] nothing to install (no .whl/ wheels missing from the image)" | tee -a "$RES/suite.log"
+  fi
+fi
+
+run numerics "$T_NUMERICS" bash -c "$PY -m kernels.triton_gpu.gpu_check --batch 8 --iters 5 \
+  --dtypes bfloat16,float32 --out $RES/triton_gpu_check.md && \
+  $PY -m pytest -x -q tests/kernels -m 'not slow' -p no:cacheprovider"
+run kernels "$T_KERNELS" $PY -m bench.kernels --quick --dtypes bf16,fp32 \
+  --configs cifar10,imagenet64_p4 --out "$RES"
+run model "$T_MODEL" $PY -m bench.model --config cifar10 --batch 256 --rin-pytorch \
+  --steps 10 --sample-steps 10 --out "$RES"
+
+if [[ $DRY == 1 ]]; then
+  echo "# outputs: $RES/{env.txt,suite.log,*.log,triton_gpu_check.md,kernels.json,kernels.md,kernels_sweep_interface.png,model_cifar10_b256.json,model_cifar10_b256.md}"
+else
+  echo "=== done; results in $RES" | tee -a "$RES/suite.log"
+  ls -la "$RES"
+fi

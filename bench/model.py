@@ -1,0 +1,446 @@
+"""Whole-model benchmark: train-step and sampling-step throughput of a RIN config.
+
+    python -m bench.model --config cifar10 --batch 32 [--implementations xla,triton]
+                          [--rin-pytorch] [--steps N] [--sample-steps N] [--out DIR]
+
+For each implementation: train-step images/s (the full step of rin/train.py: the
+self-conditioning pass, the loss pass, backward, LAMB, EMA), sampling-step images/s
+(one denoiser call with carried latents, as each sampler step makes), compile time,
+peak memory (device memory_stats on GPU/TPU; on CPU XLA's compiled memory_analysis and
+the process peak RSS), and MFU = (compiled FLOPs per step / step time) / matmul ceiling
+measured in the same run. With --rin-pytorch (and the package installed) the same is
+measured for lucidrains' rin-pytorch at a matching configuration (differences listed
+in the output).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import resource
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bench import report, timing
+
+CONFIG_MODULE = "rin.configs.{}"
+
+
+def load_config(name_or_path: str):
+  if name_or_path.endswith(".py"):
+    spec = importlib.util.spec_from_file_location("bench_cfg", name_or_path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+  else:
+    mod = importlib.import_module(CONFIG_MODULE.format(name_or_path))
+  return mod.get_config()
+
+
+def _peak_rss_bytes() -> int:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _device_peak_bytes():
+  d = jax.devices()[0]
+  try:
+    s = d.memory_stats() or {}
+  except Exception:  # CPU has none
+    s = {}
+  return s.get("peak_bytes_in_use")
+
+
+def _memory_analysis(compiled) -> dict:
+  try:
+    m = compiled.memory_analysis()
+  except Exception:
+    return {}
+  if m is None:
+    return {}
+  out = {}
+  for k in ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
+            "temp_size_in_bytes", "generated_code_size_in_bytes"):
+    v = getattr(m, k, None)
+    if v is not None:
+      out[k] = int(v)
+  if out:
+    out["total_bytes"] = (out.get("argument_size_in_bytes", 0) + out.get("output_size_in_bytes", 0)
+                          - out.get("alias_size_in_bytes", 0) + out.get("temp_size_in_bytes", 0))
+  return out
+
+
+def _flops(compiled) -> float | None:
+  try:
+    ca = compiled.cost_analysis()
+  except Exception:
+    return None
+  if isinstance(ca, (list, tuple)):
+    ca = ca[0] if ca else {}
+  f = (ca or {}).get("flops")
+  return float(f) if f and f > 0 else None
+
+
+def _batches(config, batch: int, n: int):
+  m = config.model
+  out = []
+  for i in range(n):
+    k1, k2 = jax.random.split(jax.random.PRNGKey(100 + i))
+    img = jax.random.uniform(k1, (batch, m.image_size, m.image_size, m.channels),
+                             jnp.float32, -1.0, 1.0)
+    lab = jax.random.randint(k2, (batch,), 0, max(m.num_classes, 1), jnp.int32)
+    out.append({"image": img, "label": lab})
+  return out
+
+
+def bench_jax(config, impl: str, batch: int, steps: int, sample_steps: int,
+              ceiling: dict, *, interpret: bool = False) -> dict:
+  """Train and sampling step of rin/train.py's model for one implementation."""
+  from rin import train as rt
+  row = {"framework": "jax", "implementation": impl, "batch": batch}
+  model = rt.create_model(config, implementation=impl, interpret=interpret)
+  state = rt.init_state(config, model, jax.random.PRNGKey(0))
+  row["params"] = int(sum(x.size for x in jax.tree.leaves(state.params)))
+  batches = _batches(config, batch, 2)
+
+  step = jax.jit(rt.make_train_step(model, config), donate_argnums=(0,))
+  t0 = time.perf_counter()
+  compiled = step.lower(state, batches[0]).compile()
+  row["train_compile_s"] = time.perf_counter() - t0
+  row["train_flops_per_step"] = _flops(compiled)
+  row["train_memory_analysis"] = _memory_analysis(compiled)
+  times = []
+  for i in range(steps + 1):            # the first call is a warm-up
+    t0 = time.perf_counter()
+    state, metrics = compiled(state, batches[i % len(batches)])
+    jax.block_until_ready((state, metrics))
+    if i:
+      times.append(time.perf_counter() - t0)
+  tt = timing.summarize(times)
+  row["train_loss_finite"] = bool(np.isfinite(float(metrics["loss"])))
+  row["train_step"] = tt.as_dict()
+  row["train_images_per_s"] = batch / tt.median
+  row["train_load"] = timing.load_average()
+  if row["train_flops_per_step"]:
+    row["train_tflops"] = row["train_flops_per_step"] / tt.median / 1e12
+    row["train_mfu_pct"] = 100 * row["train_flops_per_step"] / tt.median / ceiling[
+        "matmul_flops_per_s"]
+
+  # One sampling step: a denoiser call with carried latents (eval mode, EMA weights).
+  m = config.model
+  lab = batches[0]["label"] if m.num_classes > 0 else None
+
+  @jax.jit
+  def sample_step(params, x_t, gamma, z):
+    out, z = model.apply({"params": params}, x_t, gamma, lab, z, train=False)
+    return out, z
+  x_t = jax.random.normal(jax.random.PRNGKey(7), batches[0]["image"].shape)
+  gamma = jnp.full((batch,), 0.5)
+  z = jnp.zeros((batch, m.num_latents, m.latent_dim), jnp.float32)
+  t0 = time.perf_counter()
+  sc = sample_step.lower(state.ema_params, x_t, gamma, z).compile()
+  row["sample_compile_s"] = time.perf_counter() - t0
+  row["sample_flops_per_step"] = _flops(sc)
+  times = []
+  for i in range(sample_steps + 1):
+    t0 = time.perf_counter()
+    _, z = sc(state.ema_params, x_t, gamma, z)
+    jax.block_until_ready(z)
+    if i:
+      times.append(time.perf_counter() - t0)
+  ts = timing.summarize(times)
+  row["sample_step"] = ts.as_dict()
+  row["sample_images_per_s"] = batch / ts.median
+  if row["sample_flops_per_step"]:
+    row["sample_mfu_pct"] = 100 * row["sample_flops_per_step"] / ts.median / ceiling[
+        "matmul_flops_per_s"]
+  row["device_peak_bytes"] = _device_peak_bytes()
+  row["process_peak_rss_bytes"] = _peak_rss_bytes()
+  row["load_after"] = timing.load_average()
+  return row
+
+
+# ----------------------------------------------------------------------------
+# rin-pytorch at a matching configuration.
+# ----------------------------------------------------------------------------
+
+RIN_PYTORCH_DIFFERENCES = [
+    "rin-pytorch has one heads/dim_head for every attention: 16 x 32 here, so the latent "
+    "self-attention matches (width 512) but read/write attention is 512 wide, not 256 (8 heads)",
+    "its interface FFN after the write uses mult 4 (ours: interface_mlp_ratio 2)",
+    "time enters by adaptive LayerNorm scale/shift in every attention and FFN (time_cond) "
+    "instead of a time latent token; no class token (unconditional)",
+    "its latents number num_latents=128 learned tokens (ours: 126 + time + class = 128)",
+    "its interface gets a PEG depthwise conv per block, LayerNorm on cross-attention context, "
+    "the x self-conditioning image concatenated to the input (6 channels) and axial MLP "
+    "positions; attention projections have no biases",
+    "no dropout / drop-path (ours: 0.1 / 0.1 in the latent tower)",
+    "optimizer torch.optim.Adam (no LAMB in torch), no EMA update in the timed step (ours: "
+    "LAMB + EMA)",
+    "self-conditioning: rin-pytorch decides per batch with random() < p; timed here with "
+    "train_prob_self_cond=1.0 so every step runs the extra no-grad pass as ours does (ours "
+    "decides per example and always runs the pass); its default 0.9 would skip it on ~10% "
+    "of steps",
+    "objective 'eps' and sigmoid schedule set to match; min-SNR loss weighting is its default",
+]
+
+
+def rin_pytorch_available() -> str | None:
+  """None if importable, else the reason."""
+  try:
+    import rin_pytorch  # noqa: F401
+    import torch  # noqa: F401
+  except ImportError as e:
+    return f"rin-pytorch not installed ({e})"
+  return None
+
+
+def build_rin_pytorch(config):
+  import torch
+  from rin_pytorch import RIN as TRIN, GaussianDiffusion
+  m = config.model
+  head_dim = m.latent_dim // m.latent_heads
+  layers = m.latent_layers_per_block
+  if not isinstance(layers, int):
+    layers = max(layers)
+  net = TRIN(dim=m.interface_dim, image_size=m.image_size, patch_size=m.patch_size,
+             channels=m.channels, depth=m.num_blocks, latent_self_attn_depth=layers,
+             dim_latent=m.latent_dim, num_latents=m.num_latents, patches_self_attn=False,
+             heads=m.latent_heads, dim_head=head_dim)
+  diff = GaussianDiffusion(net, timesteps=1000, noise_schedule="sigmoid", objective="eps",
+                           schedule_kwargs=dict(start=-3, end=3, tau=0.9),
+                           train_prob_self_cond=1.0)
+  return net, diff
+
+
+def bench_rin_pytorch(config, batch: int, steps: int, sample_steps: int,
+                      ceiling: dict) -> dict:
+  import torch
+  row = {"framework": "torch", "implementation": "rin-pytorch", "batch": batch}
+  dev = "cuda" if torch.cuda.is_available() else "cpu"
+  if dev == "cpu":
+    torch.set_num_threads(os.cpu_count() or 1)
+  row["torch_threads"] = torch.get_num_threads()
+  torch.manual_seed(0)
+  net, diff = build_rin_pytorch(config)
+  net.to(dev)
+  diff.to(dev)
+  row["params"] = int(sum(p.numel() for p in net.parameters()))
+  opt = torch.optim.Adam(net.parameters(), lr=1e-4)
+  m = config.model
+  imgs = [torch.rand(batch, m.channels, m.image_size, m.image_size, device=dev) for _ in range(2)]
+  sync = (lambda _: torch.cuda.synchronize()) if dev == "cuda" else (lambda _: None)
+  if dev == "cuda":
+    torch.cuda.reset_peak_memory_stats()
+
+  def train_step(x):
+    loss = diff(x)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+  # FLOPs of one train step, counted by torch (outside the timed calls).
+  try:
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as fc:
+      train_step(imgs[0])
+    row["train_flops_per_step"] = float(fc.get_total_flops())
+  except Exception as e:  # noqa: BLE001
+    row["train_flops_note"] = f"flop counter failed: {type(e).__name__}"
+  t0 = time.perf_counter()
+  sync(train_step(imgs[0]))
+  row["train_first_step_s"] = time.perf_counter() - t0
+  tt = timing.time_calls(train_step, [(x,) for x in imgs], warmup=0, repeats=steps, sync=sync)
+  row["train_step"] = tt.as_dict()
+  row["train_images_per_s"] = batch / tt.median
+  row["train_load"] = timing.load_average()
+  if row.get("train_flops_per_step"):
+    row["train_tflops"] = row["train_flops_per_step"] / tt.median / 1e12
+    row["train_mfu_pct"] = 100 * row["train_flops_per_step"] / tt.median / ceiling[
+        "matmul_flops_per_s"]
+
+  net.eval()
+  x_t = torch.randn(batch, m.channels, m.image_size, m.image_size, device=dev)
+  times_ = torch.full((batch,), 0.5, device=dev)
+  state = {"lat": None, "x": None}
+
+  @torch.no_grad()
+  def sample_step():
+    out, lat = net(x_t, times_, state["x"], state["lat"], return_latents=True)
+    state["lat"], state["x"] = lat, out.clamp(-1, 1)
+    return out
+  ts = timing.time_calls(sample_step, [()], warmup=1, repeats=sample_steps, sync=sync)
+  row["sample_step"] = ts.as_dict()
+  row["sample_images_per_s"] = batch / ts.median
+  if dev == "cuda":
+    row["device_peak_bytes"] = int(torch.cuda.max_memory_allocated())
+  row["process_peak_rss_bytes"] = _peak_rss_bytes()
+  row["differences"] = RIN_PYTORCH_DIFFERENCES
+  row["load_after"] = timing.load_average()
+  return row
+
+
+# ----------------------------------------------------------------------------
+
+COLUMNS = [("implementation", "implementation"), ("batch", "B"), ("params", "params"),
+           ("train_images_per_s", "train img/s"), ("train_median_s", "train step s"),
+           ("train_iqr_s", "IQR s"), ("train_compile_s", "train compile s"),
+           ("train_gflops", "GFLOP/step"), ("train_mfu_pct", "train MFU %"),
+           ("sample_images_per_s", "sample-step img/s"), ("sample_median_s", "sample step s"),
+           ("sample_compile_s", "sample compile s"), ("peak_mem_gb", "peak mem GB"),
+           ("mem_kind", "peak mem source"), ("load", "load 1m"), ("status", "status"),
+           ("note", "note")]
+
+
+def _table_row(r: dict) -> dict:
+  t = dict(r)
+  if "train_step" in r:
+    t["train_median_s"], t["train_iqr_s"] = r["train_step"]["median_s"], r["train_step"]["iqr_s"]
+  if "sample_step" in r:
+    t["sample_median_s"] = r["sample_step"]["median_s"]
+  if r.get("train_flops_per_step"):
+    t["train_gflops"] = r["train_flops_per_step"] / 1e9
+  if r.get("device_peak_bytes"):
+    t["peak_mem_gb"], t["mem_kind"] = r["device_peak_bytes"] / 1e9, "device memory_stats"
+  elif r.get("train_memory_analysis", {}).get("total_bytes"):
+    t["peak_mem_gb"] = r["train_memory_analysis"]["total_bytes"] / 1e9
+    t["mem_kind"] = (f"XLA memory_analysis (process peak RSS "
+                     f"{r.get('process_peak_rss_bytes', 0) / 1e9:.1f} GB)")
+  elif r.get("process_peak_rss_bytes"):
+    t["peak_mem_gb"], t["mem_kind"] = r["process_peak_rss_bytes"] / 1e9, "process peak RSS"
+  if r.get("train_load"):
+    t["load"] = r["train_load"][0]
+  return t
+
+
+def default_implementations(platform: str) -> list[str]:
+  import kernels
+  avail = kernels.available_implementations()
+  out = ["xla"]
+  if platform == "gpu" and "triton" in avail:
+    out.append("triton")
+  if platform == "tpu" and "pallas_tpu" in avail:
+    out.append("pallas_tpu")
+  return out
+
+
+def main(argv=None) -> dict:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--config", default="cifar10", help="rin/configs/<name>.py or a path")
+  ap.add_argument("--batch", type=int, default=32)
+  ap.add_argument("--implementations", default=None,
+                  help="comma list (default: xla plus the platform's kernels when available)")
+  ap.add_argument("--rin-pytorch", action="store_true",
+                  help="also time rin-pytorch at a matching config (if installed)")
+  ap.add_argument("--steps", type=int, default=None, help="timed train steps")
+  ap.add_argument("--sample-steps", type=int, default=None, help="timed sampling steps")
+  ap.add_argument("--dtype", default=None, help="compute dtype (config.train.dtype)")
+  ap.add_argument("--out", default=None)
+  args = ap.parse_args(argv)
+  platform = jax.default_backend()
+  config = load_config(args.config)
+  if args.dtype:
+    config.train.dtype = args.dtype
+  cpu = platform == "cpu"
+  steps = args.steps or (3 if cpu else 20)
+  sample_steps = args.sample_steps or (3 if cpu else 20)
+  impls = ([s.strip() for s in args.implementations.split(",")] if args.implementations
+           else default_implementations(platform))
+  out_dir = args.out or os.environ.get("OUT") or report.default_out_dir("model")
+  env = timing.environment()
+  print(f"[bench.model] {env['device']} load {env['load_average_1_5_15']} -> {out_dir}",
+        flush=True)
+  cdt = config.train.get("dtype") or "float32"
+  ceiling = timing.measure_ceilings(cdt, repeats=5 if cpu else 10)
+  print(f"  ceiling {cdt}: matmul {ceiling['matmul_flops_per_s'] / 1e12:.3f} TFLOP/s", flush=True)
+  rows = []
+  for impl in impls:
+    try:
+      r = bench_jax(config, impl, args.batch, steps, sample_steps, ceiling)
+      r["status"] = "ok"
+    except Exception as e:  # noqa: BLE001
+      r = {"framework": "jax", "implementation": impl, "batch": args.batch, "status": "error",
+           "note": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
+    rows.append(r)
+    print(f"  {impl}: {_summary(r)}", flush=True)
+  if args.rin_pytorch:
+    why = rin_pytorch_available()
+    if why:
+      rows.append({"framework": "torch", "implementation": "rin-pytorch", "batch": args.batch,
+                   "status": "unavailable", "note": why})
+    else:
+      try:
+        r = bench_rin_pytorch(config, args.batch, steps, sample_steps, ceiling)
+        r["status"] = "ok"
+      except Exception as e:  # noqa: BLE001
+        r = {"framework": "torch", "implementation": "rin-pytorch", "batch": args.batch,
+             "status": "error",
+             "note": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
+      rows.append(r)
+    print(f"  rin-pytorch: {_summary(rows[-1])}", flush=True)
+  record = {"benchmark": "bench.model", "config": args.config, "environment": env,
+            "ceilings": {cdt: ceiling}, "settings": {"batch": args.batch, "steps": steps,
+                                                     "sample_steps": sample_steps,
+                                                     "implementations": impls,
+                                                     "compute_dtype": cdt},
+            "rows": rows, "comparisons": _comparisons(rows),
+            "notes": ["train step = the whole rin/train.py step (self-conditioning pass, loss "
+                      "pass, backward, optimizer, EMA); images/s = batch / median step time",
+                      "sampling step = one denoiser call with carried latents (eval mode)",
+                      "MFU = compiled FLOPs per step (XLA cost_analysis; torch FlopCounterMode "
+                      "for rin-pytorch) / time / matmul ceiling measured in this run",
+                      "the first train step is a warm-up and not timed"]}
+  write_outputs(record, out_dir)
+  return record
+
+
+def _summary(r: dict) -> str:
+  if r.get("status") != "ok":
+    return f"{r.get('status')}: {r.get('note')}"
+  return (f"train {r['train_images_per_s']:.2f} img/s (step {r['train_step']['median_s']:.2f}s, "
+          f"compile {r.get('train_compile_s', float('nan')):.1f}s, MFU "
+          f"{r.get('train_mfu_pct', float('nan')):.1f}%), sample-step "
+          f"{r['sample_images_per_s']:.1f} img/s, load {r.get('train_load')}")
+
+
+def _comparisons(rows):
+  ok = {r["implementation"]: r for r in rows if r.get("status") == "ok"}
+  out = {}
+  base = ok.get("rin-pytorch")
+  for name, r in ok.items():
+    if base and name != "rin-pytorch":
+      out[f"{name}_train_speedup_vs_rin_pytorch"] = r["train_images_per_s"] / base[
+          "train_images_per_s"]
+      out[f"{name}_sample_speedup_vs_rin_pytorch"] = r["sample_images_per_s"] / base[
+          "sample_images_per_s"]
+    if name not in ("xla", "rin-pytorch") and "xla" in ok:
+      out[f"{name}_train_speedup_vs_xla"] = r["train_images_per_s"] / ok["xla"][
+          "train_images_per_s"]
+  return out
+
+
+def write_outputs(record: dict, out_dir: str) -> dict:
+  stem = f"model_{record['config']}_b{record['settings']['batch']}"
+  paths = {"json": report.write_json(os.path.join(out_dir, stem + ".json"), record)}
+  sections = [("Train and sampling steps",
+               report.markdown_table([_table_row(r) for r in record["rows"]], COLUMNS))]
+  if record["comparisons"]:
+    sections.append(("Ratios", "\n".join(f"- {k}: {v:.2f}x"
+                                         for k, v in record["comparisons"].items())))
+  diffs = next((r.get("differences") for r in record["rows"] if r.get("differences")), None)
+  if diffs:
+    sections.append(("rin-pytorch configuration differences", "\n".join(f"- {d}" for d in diffs)))
+  paths["md"] = report.write_markdown(os.path.join(out_dir, stem + ".md"),
+                                      f"bench.model: {record['config']}, batch "
+                                      f"{record['settings']['batch']}", record["environment"],
+                                      sections, record["ceilings"].values(), record["notes"])
+  print(f"[bench.model] wrote {', '.join(paths.values())}", flush=True)
+  return paths
+
+
+if __name__ == "__main__":
+  main()
+  sys.exit(0)
