@@ -121,6 +121,7 @@ def restore_latest(mngr, abstract_state, workdir: str, *, validate_iter=None):
       logging.error("checkpoint at step %d (%s) is corrupt or incomplete and is skipped: %s",
                     step, path, msg)
       _quarantine(workdir, step)
+      mngr.reload()          # forget the moved step (or saving it again would be refused)
       continue
     if failures:
       logging.warning("resuming from step %d instead of %s (corrupt checkpoints moved to %s)",
