@@ -35,26 +35,37 @@ def gelu(x):
   return jax.nn.gelu(x, approximate=False)
 
 
-def dense(x, w, b):
-  cdt = compute_dtype(x.dtype)
-  y = jnp.einsum("...i,io->...o", x.astype(cdt), w.astype(cdt),
-                 precision=jax.lax.Precision.HIGHEST)
-  return y + b.astype(cdt)
+def operand_dtype(dtype) -> jnp.dtype:
+  """Matmul operand dtype: bf16/fp16 inputs stay low precision (accumulated in fp32, as
+  the kernels' MXU / tensor-core dots do); fp32 and fp64 stay as they are."""
+  return jnp.dtype(dtype) if jnp.dtype(dtype).itemsize < 4 else compute_dtype(dtype)
+
+
+def dense(x, w, b, operands=None):
+  """x @ w + b accumulated in fp32 (fp64 for fp64); `operands` sets the operand dtype."""
+  cdt = compute_dtype(x.dtype if operands is None else operands)
+  op = operand_dtype(x.dtype if operands is None else operands)
+  # Low-precision dots emit their own dtype (XLA accumulates them in fp32 on TPU/GPU), so
+  # that their backward dots take low-precision cotangents too.
+  y = jnp.einsum("...i,io->...o", x.astype(op), w.astype(op),
+                 precision=jax.lax.Precision.HIGHEST, preferred_element_type=op)
+  return y.astype(cdt) + b.astype(cdt)
 
 
 def cross_attention(q, k, v, *, scale: float | None = None):
   """softmax(q k^T * scale) v, layout [batch, seq, heads, head_dim].
 
-  Returns the input dtype; accumulates in float32 (float64 for float64).
+  Returns the input dtype. Softmax in float32 (float64 for float64); bf16/fp16 inputs
+  are bf16/fp16 matmul operands, as in the kernels.
   """
   head_dim = q.shape[-1]
   scale = head_dim ** -0.5 if scale is None else scale
-  cdt = compute_dtype(q.dtype)
-  s = jnp.einsum("bqhd,bkhd->bhqk", q.astype(cdt), k.astype(cdt),
-                 precision=jax.lax.Precision.HIGHEST) * scale
-  p = jax.nn.softmax(s, axis=-1)
-  o = jnp.einsum("bhqk,bkhd->bqhd", p, v.astype(cdt),
-                 precision=jax.lax.Precision.HIGHEST)
+  cdt, op = compute_dtype(q.dtype), operand_dtype(q.dtype)
+  s = jnp.einsum("bqhd,bkhd->bhqk", q.astype(op), k.astype(op),
+                 precision=jax.lax.Precision.HIGHEST, preferred_element_type=op)
+  p = jax.nn.softmax(s.astype(cdt) * scale, axis=-1)
+  o = jnp.einsum("bhqk,bkhd->bqhd", p.astype(op), v.astype(op),
+                 precision=jax.lax.Precision.HIGHEST, preferred_element_type=op)
   return o.astype(q.dtype)
 
 
@@ -73,13 +84,13 @@ def attention_block(x_q, x_kv, p, *, num_heads: int):
   block (queries = interface, kv = latents). Keys/values are projected from the
   raw source with no LayerNorm, as in the authors' code.
   """
-  cdt = compute_dtype(x_q.dtype)
+  cdt, op = compute_dtype(x_q.dtype), x_q.dtype
   h = layer_norm(x_q, p.ln_scale, p.ln_bias)
-  q = _split_heads(dense(h, p.wq, p.bq), num_heads)
-  k = _split_heads(dense(x_kv, p.wk, p.bk), num_heads)
-  v = _split_heads(dense(x_kv, p.wv, p.bv), num_heads)
+  q = _split_heads(dense(h, p.wq, p.bq, op), num_heads).astype(op)
+  k = _split_heads(dense(x_kv, p.wk, p.bk, op), num_heads).astype(op)
+  v = _split_heads(dense(x_kv, p.wv, p.bv, op), num_heads).astype(op)
   o = cross_attention(q, k, v)
-  return x_q.astype(cdt) + dense(_merge_heads(o), p.wo, p.bo)
+  return x_q.astype(cdt) + dense(_merge_heads(o), p.wo, p.bo, op)
 
 
 def read_block(z, x, p: ReadBlockParams, *, num_heads: int):
@@ -93,5 +104,5 @@ def write_block(x, z, p: WriteBlockParams, *, num_heads: int):
   y = attention_block(x, z, p, num_heads=num_heads)
   if p.w1 is not None:
     h = layer_norm(y, p.mlp_ln_scale, p.mlp_ln_bias)
-    y = y + dense(gelu(dense(h, p.w1, p.b1)), p.w2, p.b2)
+    y = y + dense(gelu(dense(h, p.w1, p.b1, x.dtype)), p.w2, p.b2, x.dtype)
   return y.astype(x.dtype)

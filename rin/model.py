@@ -114,12 +114,12 @@ class RIN(nn.Module):
     num_pos = m - 1 - (self.num_classes > 0)
     tokens = [jnp.broadcast_to(self.param("pos_latents", pos_init, (num_pos, d)), (b, num_pos, d))]
     temb = timestep_embedding(gamma, d // 4)
-    temb = Dense(d, "time_dense_0")(temb)
-    temb = Dense(d, "time_dense_1")(nn.silu(temb))
+    temb = Dense(d, "time_dense_0", self.dtype)(temb)
+    temb = Dense(d, "time_dense_1", self.dtype)(nn.silu(temb))
     tokens.append(temb[:, None, :])
     if self.num_classes > 0:
       onehot = jax.nn.one_hot(labels, self.num_classes, dtype=jnp.float32)
-      tokens.append(Dense(d, "class_dense")(onehot)[:, None, :])
+      tokens.append(Dense(d, "class_dense", self.dtype)(onehot)[:, None, :])
     z = jnp.concatenate(tokens, axis=1).astype(dt)
 
     # Latent self-conditioning. LN0 starts at scale 0 and bias 0, i.e. no effect.

@@ -105,8 +105,11 @@ def attention_plan(b: int, lq: int, lk: int, h: int, dh: int, dtype_name: str,
   cap = 32 if (dtype_name == "float32" and d_pad >= 64) else 64
   block_q = _pick(bs.block_q, tab, "block_q", _tile(lq, cap))
   block_kv = _pick(bs.block_kv, tab, "block_kv", _tile(lk, cap))
-  block_q_bwd = _pick(bs.block_q_bwd, tab, "block_q_bwd", _tile(lq, cap))
-  block_kv_bwd = _pick(bs.block_kv_bwd, tab, "block_kv_bwd", _tile(lk, cap))
+  # The fp32 dK/dV pass holds two fp32 accumulators plus recomputed probabilities: it
+  # spilled at 64x64 tiles even with head_dim 32 (compile report, sm_80 and sm_90).
+  bwd_cap = 32 if dtype_name == "float32" else cap
+  block_q_bwd = _pick(bs.block_q_bwd, tab, "block_q_bwd", _tile(lq, bwd_cap))
+  block_kv_bwd = _pick(bs.block_kv_bwd, tab, "block_kv_bwd", _tile(lk, bwd_cap))
   for name, v in (("block_q", block_q), ("block_kv", block_kv),
                   ("block_q_bwd", block_q_bwd), ("block_kv_bwd", block_kv_bwd)):
     _check_tile(name, v)
