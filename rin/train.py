@@ -49,7 +49,7 @@ from rin import diffusion
 from rin import distributed
 from rin import logging_utils
 from rin.model import RIN
-from rin.optim import make_optimizer
+from rin.optim import learning_rate_schedule, make_optimizer
 
 
 @flax.struct.dataclass
@@ -147,7 +147,6 @@ def make_train_step(model: RIN, config: ConfigDict, *, mesh=None):
   tx = make_optimizer(config.optim, config.train.num_steps)
   ema_decay = config.optim.ema_decay
   skip_nonfinite = config.train.get("nonfinite", "stop") == "skip"
-  from rin.optim import learning_rate_schedule
   lr_fn = learning_rate_schedule(config.optim, config.train.num_steps)
 
   def step_fn(state: TrainState, batch):

@@ -79,6 +79,17 @@ def _pick(user, table: dict, key: str, default):
   return table.get(key, default)
 
 
+def _split_axis(requested, tab, name, length, block, programs):
+  """(number of splits, tokens per split) of an axis of `length` in `block` tiles, so
+  that `programs` (the other grid axes) times the splits fills TARGET_PROGRAMS."""
+  splits = _pick(requested, tab, name, max(1, cdiv(TARGET_PROGRAMS, programs)))
+  if splits < 1:
+    raise ValueError(f"block_sizes.{name}={splits} must be >= 1")
+  blocks = cdiv(length, block)
+  split_len = cdiv(blocks, min(splits, blocks)) * block
+  return cdiv(length, split_len), split_len
+
+
 @dataclasses.dataclass(frozen=True)
 class AttentionPlan:
   d_pad: int
@@ -117,23 +128,11 @@ def attention_plan(b: int, lq: int, lk: int, h: int, dh: int, dtype_name: str,
   num_stages = _pick(bs.num_stages, tab, "num_stages", 2)
 
   # Forward / dQ: split the key axis when query tiles alone leave SMs idle.
-  kv_blocks = cdiv(lk, block_kv)
-  base = cdiv(lq, block_q) * b * h
-  splits = _pick(bs.kv_splits, tab, "kv_splits", max(1, cdiv(TARGET_PROGRAMS, base)))
-  if splits < 1:
-    raise ValueError(f"block_sizes.kv_splits={splits} must be >= 1")
-  splits = min(splits, kv_blocks)
-  split_len = cdiv(kv_blocks, splits) * block_kv
-  splits = cdiv(lk, split_len)
+  splits, split_len = _split_axis(bs.kv_splits, tab, "kv_splits", lk, block_kv,
+                                  cdiv(lq, block_q) * b * h)
   # dK/dV: split the query axis when key tiles alone leave SMs idle (write direction).
-  q_blocks = cdiv(lq, block_q_bwd)
-  base_bwd = cdiv(lk, block_kv_bwd) * b * h
-  qs = _pick(bs.q_splits_bwd, tab, "q_splits_bwd", max(1, cdiv(TARGET_PROGRAMS, base_bwd)))
-  if qs < 1:
-    raise ValueError(f"block_sizes.q_splits_bwd={qs} must be >= 1")
-  qs = min(qs, q_blocks)
-  q_split_len = cdiv(q_blocks, qs) * block_q_bwd
-  qs = cdiv(lq, q_split_len)
+  qs, q_split_len = _split_axis(bs.q_splits_bwd, tab, "q_splits_bwd", lq, block_q_bwd,
+                                cdiv(lk, block_kv_bwd) * b * h)
 
   itemsize = 4 if dtype_name == "float32" else 2
   # K and V tiles per pipeline stage plus the resident Q tile (forward); dK/dV
