@@ -4,7 +4,11 @@ same tiny model; recompiling it each time dominated the run)."""
 import os
 import tempfile
 
-import jax
+from rin import xla_cpu
+
+xla_cpu.enable_onednn_dots()   # test what the CLIs run (rin/xla_cpu.py); before any jax work
+
+import jax  # noqa: E402
 
 jax.config.update("jax_compilation_cache_dir",
                   os.environ.get("RIN_TEST_JAX_CACHE",

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 import kernels
+from rin import xla_cpu
 from bench import costs, report, timing
 from kernels import reference
 from kernels.params import ReadBlockParams, WriteBlockParams
@@ -410,6 +411,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
+  xla_cpu.enable_onednn_dots()      # before the first computation (rin/xla_cpu.py)
   platform = jax.default_backend()
   out_dir = args.out or os.environ.get("OUT") or report.default_out_dir("kernels")
   env = timing.environment()

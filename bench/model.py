@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rin import xla_cpu
 from bench import report, timing
 
 CONFIG_MODULE = "rin.configs.{}"
@@ -72,9 +73,12 @@ def _memory_analysis(compiled) -> dict:
   return out
 
 
-def _flops(compiled) -> float | None:
+def _flops(lowered) -> float | None:
+  """FLOPs of a jitted step from XLA's cost analysis of the *lowered* (pre-optimisation)
+  program: after optimisation, dots that XLA:CPU hands to oneDNN are custom calls that
+  the cost model counts as zero FLOPs (bf16 step: 850 instead of 1117 GFLOP)."""
   try:
-    ca = compiled.cost_analysis()
+    ca = lowered.cost_analysis()
   except Exception:
     return None
   if isinstance(ca, (list, tuple)):
@@ -99,7 +103,10 @@ def bench_jax(config, impl: str, batch: int, steps: int, sample_steps: int,
               ceiling: dict, *, interpret: bool = False) -> dict:
   """Train and sampling step of rin/train.py's model for one implementation."""
   from rin import train as rt
-  row = {"framework": "jax", "implementation": impl, "batch": batch}
+  row = {"framework": "jax", "implementation": impl, "batch": batch,
+         "compute_dtype": config.train.get("dtype") or "float32",
+         "onednn_dots": xla_cpu.onednn_dots_requested() if jax.default_backend() == "cpu"
+         else None}
   model = rt.create_model(config, implementation=impl, interpret=interpret)
   state = rt.init_state(config, model, jax.random.PRNGKey(0))
   row["params"] = int(sum(x.size for x in jax.tree.leaves(state.params)))
@@ -107,9 +114,10 @@ def bench_jax(config, impl: str, batch: int, steps: int, sample_steps: int,
 
   step = jax.jit(rt.make_train_step(model, config), donate_argnums=(0,))
   t0 = time.perf_counter()
-  compiled = step.lower(state, batches[0]).compile()
+  lowered = step.lower(state, batches[0])
+  compiled = lowered.compile()
   row["train_compile_s"] = time.perf_counter() - t0
-  row["train_flops_per_step"] = _flops(compiled)
+  row["train_flops_per_step"] = _flops(lowered)
   row["train_memory_analysis"] = _memory_analysis(compiled)
   times = []
   for i in range(steps + 1):            # the first call is a warm-up
@@ -140,9 +148,10 @@ def bench_jax(config, impl: str, batch: int, steps: int, sample_steps: int,
   gamma = jnp.full((batch,), 0.5)
   z = jnp.zeros((batch, m.num_latents, m.latent_dim), jnp.float32)
   t0 = time.perf_counter()
-  sc = sample_step.lower(state.ema_params, x_t, gamma, z).compile()
+  sample_lowered = sample_step.lower(state.ema_params, x_t, gamma, z)
+  sc = sample_lowered.compile()
   row["sample_compile_s"] = time.perf_counter() - t0
-  row["sample_flops_per_step"] = _flops(sc)
+  row["sample_flops_per_step"] = _flops(sample_lowered)
   times = []
   for i in range(sample_steps + 1):
     t0 = time.perf_counter()
@@ -216,10 +225,21 @@ def build_rin_pytorch(config):
 
 
 def bench_rin_pytorch(config, batch: int, steps: int, sample_steps: int,
-                      ceiling: dict) -> dict:
+                      ceiling: dict, compute_dtype: str = "float32") -> dict:
+  """compute_dtype bfloat16/float16: torch.autocast around the forward passes, the
+  matching precision for our config.train.dtype (weights and Adam stay float32)."""
+  import contextlib
+
   import torch
-  row = {"framework": "torch", "implementation": "rin-pytorch", "batch": batch}
+  row = {"framework": "torch", "implementation": "rin-pytorch", "batch": batch,
+         "compute_dtype": compute_dtype if compute_dtype in ("bfloat16", "float16")
+         else "float32"}
   dev = "cuda" if torch.cuda.is_available() else "cpu"
+  if compute_dtype in ("bfloat16", "float16"):
+    row["autocast"] = compute_dtype
+    autocast = lambda: torch.autocast(dev, dtype=getattr(torch, compute_dtype))
+  else:
+    autocast = contextlib.nullcontext
   if dev == "cpu":
     torch.set_num_threads(os.cpu_count() or 1)
   row["torch_threads"] = torch.get_num_threads()
@@ -236,20 +256,25 @@ def bench_rin_pytorch(config, batch: int, steps: int, sample_steps: int,
     torch.cuda.reset_peak_memory_stats()
 
   def train_step(x):
-    loss = diff(x)
+    with autocast():
+      loss = diff(x)
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
     return loss
 
-  # FLOPs of one train step, counted by torch (outside the timed calls).
+  # FLOPs of one train step, counted by torch's profiler (outside the timed calls).
+  # (FlopCounterMode's module tracker asserts on rin-pytorch's no-grad self-cond pass.)
   try:
-    from torch.utils.flop_counter import FlopCounterMode
-    with FlopCounterMode(display=False) as fc:
-      train_step(imgs[0])
-    row["train_flops_per_step"] = float(fc.get_total_flops())
+    acts = [torch.profiler.ProfilerActivity.CPU] + (
+        [torch.profiler.ProfilerActivity.CUDA] if dev == "cuda" else [])
+    with torch.profiler.profile(activities=acts, with_flops=True) as prof:
+      sync(train_step(imgs[0]))
+    flops = sum(float(e.flops or 0) for e in prof.events())
+    if flops > 0:
+      row["train_flops_per_step"] = flops
   except Exception as e:  # noqa: BLE001
-    row["train_flops_note"] = f"flop counter failed: {type(e).__name__}"
+    row["train_flops_note"] = f"flop count failed: {type(e).__name__}"
   t0 = time.perf_counter()
   sync(train_step(imgs[0]))
   row["train_first_step_s"] = time.perf_counter() - t0
@@ -269,8 +294,9 @@ def bench_rin_pytorch(config, batch: int, steps: int, sample_steps: int,
 
   @torch.no_grad()
   def sample_step():
-    out, lat = net(x_t, times_, state["x"], state["lat"], return_latents=True)
-    state["lat"], state["x"] = lat, out.clamp(-1, 1)
+    with autocast():
+      out, lat = net(x_t, times_, state["x"], state["lat"], return_latents=True)
+    state["lat"], state["x"] = lat.float(), out.float().clamp(-1, 1)
     return out
   ts = timing.time_calls(sample_step, [()], warmup=1, repeats=sample_steps, sync=sync)
   row["sample_step"] = ts.as_dict()
@@ -285,7 +311,8 @@ def bench_rin_pytorch(config, batch: int, steps: int, sample_steps: int,
 
 # ----------------------------------------------------------------------------
 
-COLUMNS = [("implementation", "implementation"), ("batch", "B"), ("params", "params"),
+COLUMNS = [("implementation", "implementation"), ("compute_dtype", "compute"),
+           ("batch", "B"), ("params", "params"),
            ("train_images_per_s", "train img/s"), ("train_median_s", "train step s"),
            ("train_iqr_s", "IQR s"), ("train_compile_s", "train compile s"),
            ("train_gflops", "GFLOP/step"), ("train_mfu_pct", "train MFU %"),
@@ -340,6 +367,7 @@ def main(argv=None) -> dict:
   ap.add_argument("--dtype", default=None, help="compute dtype (config.train.dtype)")
   ap.add_argument("--out", default=None)
   args = ap.parse_args(argv)
+  xla_cpu.enable_onednn_dots()      # before the first computation (rin/xla_cpu.py)
   platform = jax.default_backend()
   config = load_config(args.config)
   if args.dtype:
@@ -373,7 +401,7 @@ def main(argv=None) -> dict:
                    "status": "unavailable", "note": why})
     else:
       try:
-        r = bench_rin_pytorch(config, args.batch, steps, sample_steps, ceiling)
+        r = bench_rin_pytorch(config, args.batch, steps, sample_steps, ceiling, cdt)
         r["status"] = "ok"
       except Exception as e:  # noqa: BLE001
         r = {"framework": "torch", "implementation": "rin-pytorch", "batch": args.batch,

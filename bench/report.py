@@ -56,6 +56,8 @@ def environment_markdown(env: dict, ceilings: Iterable[dict] = ()) -> str:
            f"- load average (1/5/15 min) at start: {env.get('load_average_1_5_15')}"]
   if env.get("command"):
     lines.append(f"- command: `{env['command']}`")
+  if env.get("xla_flags"):
+    lines.append(f"- XLA_FLAGS: `{env['xla_flags']}`")
   for c in ceilings:
     lines.append(f"- measured ceiling ({c['dtype']}): matmul {c['matmul_n']}^3 "
                  f"{c['matmul_flops_per_s'] / 1e12:.3f} TFLOP/s, copy "

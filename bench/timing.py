@@ -198,9 +198,20 @@ def environment() -> dict:
       "git_commit": git_commit(),
       "hostname": platform.node(),
       "load_average_1_5_15": load_average(),
-      "command": " ".join([os.path.basename(sys.executable), "-m"] + sys.argv)
-                 if sys.argv and sys.argv[0] else None,
+      "command": command_line(),
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
   }
+
+
+def command_line() -> str | None:
+  """How this process was started, as a user would retype it (`python -m bench.kernels
+  --quick`, not the module's file path that `-m` leaves in sys.argv[0])."""
+  if not sys.argv or not sys.argv[0]:
+    return None
+  main = sys.modules.get("__main__")
+  spec = getattr(main, "__spec__", None)
+  head = ["python", "-m", spec.name] if spec and spec.name else ["python", sys.argv[0]]
+  return " ".join(head + sys.argv[1:])
 
 
 # ----------------------------------------------------------------------------
@@ -218,7 +229,10 @@ def measure_ceilings(dtype: str = "float32", *, repeats: int = 10,
                      max_seconds: float = 10.0) -> dict:
   """Matmul FLOP/s and copy bytes/s of this device, measured now.
 
-  matmul: C = A @ B with n x n operands in `dtype` (2 n^3 FLOPs; fp32 accumulation).
+  matmul: C = A @ B with n x n operands and result in `dtype` (2 n^3 FLOPs), the form
+  the model's dots take; XLA accumulates low-precision dots in fp32 internally. (Asking
+  for an fp32 result of bf16 operands is a different, slower oneDNN path on CPU:
+  212 vs 1085 GFLOP/s here.)
   copy: y = x + 1 over a large array (reads and writes every element once).
   """
   import jax
@@ -230,7 +244,7 @@ def measure_ceilings(dtype: str = "float32", *, repeats: int = 10,
   ka, kb = jax.random.split(key)
   sets = [(jax.random.normal(jax.random.fold_in(ka, i), (n, n), dt),
            jax.random.normal(jax.random.fold_in(kb, i), (n, n), dt)) for i in range(2)]
-  mm = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32).astype(dt))
+  mm = jax.jit(lambda a, b: jnp.matmul(a, b))
   t_mm = time_calls(mm, sets, warmup=2, repeats=repeats, max_seconds=max_seconds)
   del sets
   x = [(jnp.ones((elems,), dt),)]

@@ -147,4 +147,5 @@ class RIN(nn.Module):
     out = Dense(p * p * c, "readout", self.dtype)(LayerNorm(name="readout_ln", dtype=self.dtype)(x))
     out = out.reshape(b, g, g, p, p, c).transpose(0, 1, 3, 2, 4, 5)
     out = out.reshape(b, g * p, g * p, c)
-    return out.astype(jnp.float32), z
+    # float32 outputs whatever the compute dtype, so carried latents keep one type.
+    return out.astype(jnp.float32), z.astype(jnp.float32)

@@ -18,6 +18,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from rin import train as train_lib
+from rin import xla_cpu
 
 _CONFIG = config_flags.DEFINE_config_file("config", "rin/configs/digits.py", "Config file.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/digits", "Training workdir with checkpoints.")
@@ -81,6 +82,7 @@ def generate(config, params, model, *, num_samples: int, seed: int = 0, label=No
 
 def main(argv):
   del argv
+  xla_cpu.enable_onednn_dots()        # before the first computation starts the backend
   config = _CONFIG.value
   model = train_lib.create_model(config, implementation=_IMPL.value, interpret=_INTERPRET.value)
   params, step = load_ema_params(config, _WORKDIR.value, model)

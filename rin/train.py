@@ -48,6 +48,7 @@ from rin import data as data_lib
 from rin import diffusion
 from rin import distributed
 from rin import logging_utils
+from rin import xla_cpu
 from rin.model import RIN
 from rin.optim import learning_rate_schedule, make_optimizer
 
@@ -243,6 +244,17 @@ def has_eval_metric(config: ConfigDict) -> bool:
   return bool(digits or ev.get("inception_path", ""))
 
 
+def fid_reference_images(dataset, n: int, *, seed: int) -> np.ndarray:
+  """A seeded random subset of min(n, len) training images as floats in [-1, 1].
+
+  Random, not the first n: image folders list class by class, so a prefix would
+  cover only the first classes and bias FID.
+  """
+  n = min(len(dataset), int(n))
+  pick = np.sort(np.random.default_rng(seed).choice(len(dataset), n, replace=False))
+  return dataset.images[pick].astype(np.float32) / 127.5 - 1.0
+
+
 class Evaluator:
   """Sample-quality metrics for a config: the digits metric on the embedded digits data,
   FID/IS when config.eval.inception_path names an Inception weights file."""
@@ -261,8 +273,8 @@ class Evaluator:
         if dataset is None:
           raise ValueError("config.eval.inception_path is set: give config.eval.fid_reference "
                            "(an .npz with mu and sigma) or training data for reference stats")
-        n = min(len(dataset), ev.get("fid_reference_images", 10_000))
-        ref = dataset.images[:n].astype(np.float32) / 127.5 - 1.0
+        ref = fid_reference_images(dataset, ev.get("fid_reference_images", 10_000),
+                                   seed=config.train.seed)
         if ref.shape[-1] == 1:
           ref = np.repeat(ref, 3, axis=-1)
       self.parts.append(("", _RGBWrapper(metrics.FIDEvaluator(ref, weights_path=path))))
@@ -557,6 +569,7 @@ def main():
 
   def run(argv):
     del argv
+    xla_cpu.enable_onednn_dots()      # before the first computation starts the backend
     distributed.initialize(coordinator.value, num_processes.value, process_id.value)
     if jax.process_count() > 1:
       logging.info("process %d of %d, %d local / %d global devices", jax.process_index(),

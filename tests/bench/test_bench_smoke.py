@@ -140,7 +140,7 @@ def test_model_bench_tiny(tmp_path):
   data = json.loads(open(paths["json"]).read())
   assert data["rows"][0]["train_images_per_s"] == row["train_images_per_s"]
   md = open(paths["md"]).read()
-  assert "| xla | 2 |" in md and "| rin-pytorch | 2 |" in md and "unavailable" in md
+  assert "| xla | float32 | 2 |" in md and "| rin-pytorch |" in md and "unavailable" in md
 
 
 @pytest.mark.skipif(bm.rin_pytorch_available() is not None, reason="rin-pytorch not installed")

@@ -70,3 +70,18 @@ def test_sample_eval_without_a_metric_is_a_clear_error():
   cfg.model.channels = 3
   with pytest.raises(ValueError, match="inception_path"):
     sample_lib.evaluate_samples(cfg, np.zeros((4, 8, 8, 3)), None)
+
+
+def test_fid_reference_is_a_seeded_random_subset_over_all_classes():
+  # A class-sorted set (as an image folder lists): a prefix of 30 would hold class 0 only.
+  labels = np.repeat(np.arange(10), 30).astype(np.int32)
+  images = np.broadcast_to(labels[:, None, None, None].astype(np.uint8) * 20,
+                           (300, 4, 4, 1)).copy()
+  ds = data_lib.ImageDataset(images, labels, num_classes=10)
+  ref = train_lib.fid_reference_images(ds, 30, seed=0)
+  assert ref.shape == (30, 4, 4, 1) and ref.min() >= -1.0 and ref.max() <= 1.0
+  classes = np.unique(np.round((ref[:, 0, 0, 0] + 1.0) * 127.5 / 20).astype(int))
+  assert len(classes) >= 5, classes
+  np.testing.assert_array_equal(ref, train_lib.fid_reference_images(ds, 30, seed=0))
+  assert not np.array_equal(ref, train_lib.fid_reference_images(ds, 30, seed=1))
+  assert train_lib.fid_reference_images(ds, 10_000, seed=0).shape[0] == 300

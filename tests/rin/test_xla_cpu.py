@@ -1,0 +1,52 @@
+"""rin.xla_cpu: the oneDNN dot switch the CLIs (and conftest) apply before JAX starts."""
+import logging
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from rin import xla_cpu
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _fresh(code: str, **env) -> str:
+  e = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", xla_cpu.ENV_SWITCH)}
+  e.update(env)
+  return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=e, check=True,
+                        capture_output=True, text=True, timeout=120).stdout.strip()
+
+
+def test_fresh_process_gets_the_flag_and_the_switch_turns_it_off():
+  code = ("import os; from rin import xla_cpu; on = xla_cpu.enable_onednn_dots(); "
+          "print(on, os.environ.get('XLA_FLAGS', ''))")
+  assert _fresh(code) == f"True --{xla_cpu.ONEDNN_FLAG_NAME}=true"
+  assert _fresh(code, RIN_CPU_ONEDNN="0") == "False"
+  # A value the user already put in XLA_FLAGS wins.
+  user = f"--{xla_cpu.ONEDNN_FLAG_NAME}=false --xla_cpu_enable_fast_math=false"
+  assert _fresh(code, XLA_FLAGS=user) == f"False {user}"
+
+
+def test_after_backend_start_it_warns_and_changes_nothing(monkeypatch, caplog):
+  jax.devices()                      # the backend is running in this process
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")
+  monkeypatch.delenv(xla_cpu.ENV_SWITCH, raising=False)
+  with caplog.at_level(logging.WARNING):
+    assert xla_cpu.enable_onednn_dots() is False
+  assert os.environ["XLA_FLAGS"] == "--xla_cpu_enable_fast_math=false"
+  assert "already started" in caplog.text
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="an XLA:CPU rewrite")
+def test_test_process_dots_really_go_to_onednn():
+  # conftest enabled the flag before JAX started, as the CLIs do: a bf16 dot of the
+  # transposed form a backward pass makes must compile to a oneDNN custom call.
+  if not xla_cpu.onednn_dots_requested():
+    pytest.skip("RIN_CPU_ONEDNN=0 or XLA_FLAGS turned oneDNN dots off for this run")
+  a = jnp.ones((256, 128), jnp.bfloat16)
+  b = jnp.ones((256, 64), jnp.bfloat16)
+  hlo = jax.jit(lambda a, b: a.T @ b).lower(a, b).compile().as_text()
+  assert "onednn" in hlo.lower()
