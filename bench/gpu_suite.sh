@@ -86,8 +86,9 @@ run numerics "$T_NUMERICS" bash -c "$PY -m kernels.triton_gpu.gpu_check --batch 
   $PY -m pytest -x -q tests/kernels -m 'not slow' -p no:cacheprovider"
 run kernels "$T_KERNELS" $PY -m bench.kernels --quick --dtypes bf16,fp32 \
   --configs cifar10,imagenet64_p4 --out "$RES"
+# bf16: the H200 targets are bf16 (rin-pytorch then runs under torch.autocast bf16).
 run model "$T_MODEL" $PY -m bench.model --config cifar10 --batch 256 --rin-pytorch \
-  --steps 10 --sample-steps 10 --out "$RES"
+  --dtype bfloat16 --steps 10 --sample-steps 10 --out "$RES"
 
 if [[ $DRY == 1 ]]; then
   echo "# outputs: $RES/{env.txt,suite.log,*.log,triton_gpu_check.md,kernels.json,kernels.md,kernels_sweep_interface.png,model_cifar10_b256.json,model_cifar10_b256.md}"

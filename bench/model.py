@@ -418,8 +418,8 @@ def main(argv=None) -> dict:
             "notes": ["train step = the whole rin/train.py step (self-conditioning pass, loss "
                       "pass, backward, optimizer, EMA); images/s = batch / median step time",
                       "sampling step = one denoiser call with carried latents (eval mode)",
-                      "MFU = compiled FLOPs per step (XLA cost_analysis; torch FlopCounterMode "
-                      "for rin-pytorch) / time / matmul ceiling measured in this run",
+                      "MFU = FLOPs per step (XLA cost_analysis of the lowered program; torch profiler "
+                      "with_flops for rin-pytorch) / time / matmul ceiling measured in this run",
                       "the first train step is a warm-up and not timed"]}
   write_outputs(record, out_dir)
   return record
