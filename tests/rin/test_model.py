@@ -139,3 +139,18 @@ def test_parameter_tree_is_independent_of_implementation():
     shapes = jax.eval_shape(lambda: m.init(jax.random.PRNGKey(0), *_inputs(cfg)))
     trees.append(jax.tree.map(lambda s: (s.shape, s.dtype), shapes))
   assert trees[0] == trees[1]
+
+
+def test_bf16_compute_returns_float32_so_carried_latents_keep_one_type():
+  # Sampling feeds the latents back in: with bf16 compute they once came back bf16, so an
+  # AOT-compiled step (bench.model) refused its own output on the next call.
+  cfg = tiny_config()
+  model = rin.RIN(**cfg.model, dtype=jnp.bfloat16)
+  x, g, l = _inputs(cfg)
+  params = model.init(jax.random.PRNGKey(0), x, g, l)
+  z0 = jnp.zeros((2, cfg.model.num_latents, cfg.model.latent_dim), jnp.float32)
+  step = jax.jit(lambda p, z: model.apply(p, x, g, l, z)).lower(params, z0).compile()
+  out, z1 = step(params, z0)
+  assert out.dtype == jnp.float32 and z1.dtype == jnp.float32
+  out2, z2 = step(params, z1)               # the carried latents are accepted as they are
+  assert z2.dtype == jnp.float32 and np.all(np.isfinite(np.asarray(out2)))
