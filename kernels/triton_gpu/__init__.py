@@ -12,6 +12,7 @@ of its fields); unset fields come from autotune_table.py, else config.py's
 heuristics.
 
 Modules: attention_kernels.py / linear_kernels.py (the Triton kernels),
+write_block_kernel.py (the write-block forward as one kernel per interface tile),
 attention.py / linear.py (custom_vjp + vmap ops), blocks.py (read/write blocks),
 launch.py (jax-triton / interpreter glue), config.py + autotune_table.py
 (block sizes), tune.py (regenerates the table on a GPU), compile_report.py

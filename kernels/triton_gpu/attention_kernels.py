@@ -16,7 +16,9 @@ Kernels (grid axes in brackets):
   _attn_bwd_dq_kernel    [q blocks, batch*heads, kv splits]  dQ for one query block,
                          summed over one range of key blocks.
 Split partials (forward, dK/dV, dQ) make few-query (read) or few-key (write)
-problems still fill all SMs.
+problems still fill all SMs. Both backward kernels recompute a tile's probabilities
+with one `@triton.jit` helper, `_attn_bwd_p`, and its dS with `_attn_bwd_ds` (inlined
+by Triton; interpreted alongside the kernels on CPU, see launch.interpreted).
 """
 import triton
 import triton.language as tl
@@ -138,6 +140,29 @@ def _attn_bwd_delta_kernel(
 
 
 @triton.jit
+def _attn_bwd_p(q, k, lse, m_mask, n_mask, SCALE: tl.constexpr, IEEE: tl.constexpr):
+  """Recomputed probabilities of one [BLOCK_M, BLOCK_N] tile for the backward kernels:
+  p = exp(q k^T * SCALE - lse), 0 outside the valid rows m_mask and columns n_mask."""
+  if IEEE:
+    s = tl.dot(q, tl.trans(k), input_precision="ieee") * SCALE
+  else:
+    s = tl.dot(q, tl.trans(k)) * SCALE
+  p = tl.exp(s - lse[:, None])
+  return tl.where(m_mask[:, None] & n_mask[None, :], p, 0.0)
+
+
+@triton.jit
+def _attn_bwd_ds(p, do, v, delta, IEEE: tl.constexpr):
+  """ds = p * (dO v^T - delta): the gradient w.r.t. the scaled scores of one tile
+  (the kernels apply SCALE once, to the accumulated dK / dQ)."""
+  if IEEE:
+    dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+  else:
+    dp = tl.dot(do, tl.trans(v))
+  return p * (dp - delta[:, None])
+
+
+@triton.jit
 def _attn_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
     SCALE: tl.constexpr, B: tl.constexpr, H: tl.constexpr, LQ: tl.constexpr,
@@ -172,19 +197,12 @@ def _attn_bwd_dkdv_kernel(
     do = tl.load(do_ptr + q_idx, mask=md_mask, other=0.0)
     lse = tl.load(lse_ptr + pid_bh * LQ + offs_m, mask=m_mask, other=0.0)
     delta = tl.load(delta_ptr + pid_bh * LQ + offs_m, mask=m_mask, other=0.0)
-    if IEEE:
-      s = tl.dot(q, tl.trans(k), input_precision="ieee") * SCALE
-    else:
-      s = tl.dot(q, tl.trans(k)) * SCALE
-    p = tl.exp(s - lse[:, None])
-    p = tl.where(m_mask[:, None] & n_mask[None, :], p, 0.0)
+    p = _attn_bwd_p(q, k, lse, m_mask, n_mask, SCALE, IEEE)
     if IEEE:
       dv += tl.dot(tl.trans(p), do.to(tl.float32), input_precision="ieee")
-      dp = tl.dot(do, tl.trans(v), input_precision="ieee")
     else:
       dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-      dp = tl.dot(do, tl.trans(v))
-    ds = p * (dp - delta[:, None])
+    ds = _attn_bwd_ds(p, do, v, delta, IEEE)
     if IEEE:
       dk += tl.dot(tl.trans(ds), q.to(tl.float32), input_precision="ieee")
     else:
@@ -229,15 +247,8 @@ def _attn_bwd_dq_kernel(
     kv_idx = kv_base + offs_n[:, None] * row + offs_d[None, :]
     k = tl.load(k_ptr + kv_idx, mask=kv_m, other=0.0)
     v = tl.load(v_ptr + kv_idx, mask=kv_m, other=0.0)
-    if IEEE:
-      s = tl.dot(q, tl.trans(k), input_precision="ieee") * SCALE
-      dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-    else:
-      s = tl.dot(q, tl.trans(k)) * SCALE
-      dp = tl.dot(do, tl.trans(v))
-    p = tl.exp(s - lse[:, None])
-    p = tl.where(m_mask[:, None] & n_mask[None, :], p, 0.0)
-    ds = p * (dp - delta[:, None])
+    p = _attn_bwd_p(q, k, lse, m_mask, n_mask, SCALE, IEEE)
+    ds = _attn_bwd_ds(p, do, v, delta, IEEE)
     if IEEE:
       dq += tl.dot(ds, k.to(tl.float32), input_precision="ieee")
     else:

@@ -93,10 +93,11 @@ def shape_fn(s: Shape, dtype) -> tuple[Callable, tuple]:
 
 def record(shape: Shape, dtype) -> list:
   """Every launch (forward and backward) of `shape`, without running anything."""
-  from kernels.triton_gpu import attention, linear
+  from kernels.triton_gpu import attention, blocks, linear
   from kernels.triton_gpu.launch import record_launches
   attention._units.cache_clear()
   linear._units.cache_clear()
+  blocks._one_kernel_unit.cache_clear()
   jax.clear_caches()
   f, args = shape_fn(shape, dtype)
   with record_launches() as recs:

@@ -7,18 +7,20 @@ For every published RIN shape (kernels.triton_gpu.compile_report.PUBLISHED, at
 --batch): forward and gradients of the Triton op vs. the float64 reference
 (max error relative to max(1, |ref|)), then the time of forward+backward for
 implementation="triton", "xla" (jitted reference) and, for attention,
-jax.nn.dot_product_attention. Writes a markdown table.
+jax.nn.dot_product_attention: median microseconds per call over --iters calls, each
+waited on (bench.timing.time_calls). Writes a markdown table.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from bench import timing
 
 
 def _rel_err(got, want):
@@ -32,13 +34,10 @@ def _rel_err(got, want):
   return float(max(errs))
 
 
-def _time(f, args, iters):
-  jax.block_until_ready(f(*args))
-  t = time.perf_counter()
-  for _ in range(iters):
-    out = f(*args)
-  jax.block_until_ready(out)
-  return (time.perf_counter() - t) / iters * 1e6
+def _time_us(f, args, iters):
+  """Median microseconds per call of f(*args): one warm-up call, then `iters` timed ones."""
+  t = timing.time_calls(f, [args], warmup=1, repeats=iters, sync=timing.block)
+  return t.median * 1e6
 
 
 def _materialize(sds_tree, key):
@@ -81,12 +80,13 @@ def check(shape, dtype, batch, interpret, iters):
   row = dict(shape=s.name, dtype=jnp.dtype(dtype).name, fwd_err=_rel_err(got, want),
              grad_err=_rel_err(ggot, gwant))
   for impl in ("triton", "xla"):
-    row[f"{impl}_fwd_us"] = _time(jax.jit(op(impl)), args, iters)
-    row[f"{impl}_fwdbwd_us"] = _time(jax.jit(jax.grad(loss(op(impl)), argnums=argn)), args, iters)
+    row[f"{impl}_fwd_us"] = _time_us(jax.jit(op(impl)), args, iters)
+    row[f"{impl}_fwdbwd_us"] = _time_us(jax.jit(jax.grad(loss(op(impl)), argnums=argn)), args,
+                                        iters)
   if s.op == "attention":
     dpa = lambda q, k, v: jax.nn.dot_product_attention(q, k, v)
-    row["dpa_fwd_us"] = _time(jax.jit(dpa), args, iters)
-    row["dpa_fwdbwd_us"] = _time(jax.jit(jax.grad(loss(dpa), argnums=argn)), args, iters)
+    row["dpa_fwd_us"] = _time_us(jax.jit(dpa), args, iters)
+    row["dpa_fwdbwd_us"] = _time_us(jax.jit(jax.grad(loss(dpa), argnums=argn)), args, iters)
   return row
 
 

@@ -15,10 +15,11 @@ import itertools
 import os
 import pprint
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
+
+from bench import timing
 
 ATTN_GRID = dict(block_q=(32, 64, 128), block_kv=(32, 64, 128), num_warps=(4, 8),
                  num_stages=(2, 3))
@@ -27,12 +28,8 @@ LINEAR_GRID = dict(block_rows=(32, 64, 128), block_cols=(64, 128), block_k=(32, 
 
 
 def _time(f, *args, iters=20):
-  jax.block_until_ready(f(*args))
-  t = time.perf_counter()
-  for _ in range(iters):
-    out = f(*args)
-  jax.block_until_ready(out)
-  return (time.perf_counter() - t) / iters
+  """Median seconds per call of f(*args): one warm-up call, then `iters` timed ones."""
+  return timing.time_calls(f, [args], warmup=1, repeats=iters, sync=timing.block).median
 
 
 def _best(make_fn, args, grid):

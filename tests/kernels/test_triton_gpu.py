@@ -218,6 +218,23 @@ def test_jit_and_no_env_var_needed():
   _close(f(q, k, v), reference.cross_attention(*_f64((q, k, v))), 5e-5, "jit")
 
 
+def test_nested_jit_helpers_are_interpreted():
+  """launch.interpreted swaps the kernel module's own @triton.jit helpers (here the
+  backward kernels' shared _attn_bwd_p / _attn_bwd_ds) for interpreted ones that see
+  the same interpreted globals; the module's compiled JITFunctions are left untouched."""
+  from triton.runtime.interpreter import InterpretedFunction
+  from triton.runtime.jit import JITFunction
+  from kernels.triton_gpu import attention_kernels as ak
+  from kernels.triton_gpu.launch import interpreted
+  for kern in (ak._attn_bwd_dkdv_kernel, ak._attn_bwd_dq_kernel):
+    globs = interpreted(kern).fn.__globals__
+    for name in ("_attn_bwd_p", "_attn_bwd_ds"):
+      helper = globs[name]
+      assert isinstance(helper, InterpretedFunction), name
+      assert helper.fn.__globals__ is globs, name
+      assert isinstance(getattr(ak, name), JITFunction), name
+
+
 def test_bad_arguments_raise_clear_errors():
   q, k, v, _ = _attn_case(1, 5, 9, 1, 16, jnp.float32)
   with pytest.raises(ValueError, match="block_q"):
