@@ -92,7 +92,8 @@ def shape_fn(s: Shape, dtype) -> tuple[Callable, tuple]:
 
 
 def record(shape: Shape, dtype) -> list:
-  """Every launch (forward and backward) of `shape`, without running anything."""
+  """Every launch of `shape` (an undifferentiated forward, then forward and backward
+  under jax.grad: they differ for the write block), without running anything."""
   from kernels.triton_gpu import attention, blocks, linear
   from kernels.triton_gpu.launch import record_launches
   attention._units.cache_clear()
@@ -101,6 +102,7 @@ def record(shape: Shape, dtype) -> list:
   jax.clear_caches()
   f, args = shape_fn(shape, dtype)
   with record_launches() as recs:
+    jax.make_jaxpr(f)(*args)      # undifferentiated: the one-kernel write-block forward
     jax.make_jaxpr(jax.grad(f, argnums=tuple(range(len(args)))))(*args)
   return list(recs)
 
