@@ -62,9 +62,23 @@ def _attend(q_src, kv_src, p, num_heads, interpret, block_sizes, res_dtype):
   return y  # [B*Lq, Cq]
 
 
-def read_block(z, x, p: ReadBlockParams, *, num_heads, interpret=False, block_sizes=None):
-  y = _attend(z, x, p, num_heads, interpret, block_sizes, z.dtype)
-  return y.reshape(z.shape)
+def read_block(z, x, p: ReadBlockParams, *, num_heads, interpret=False, block_sizes=None,
+               fused=None):
+  """fused: None picks the fused K/V-projection forward (read_block_kernel.py) when its
+  plan fits, True demands it (fp32 included), False forces the composed path."""
+  from kernels.triton_gpu import read_block_kernel as rbk  # (it imports this module lazily)
+  pl = None
+  if fused is not False:
+    pl = rbk.plan(z.shape[0], z.shape[1], x.shape[1], x.shape[2], p.wq.shape[1], num_heads,
+                  jnp.dtype(z.dtype).name, force_fp32=bool(fused))
+  if fused and pl is None:
+    raise ValueError(f"read_block: the fused forward does not fit M={z.shape[1]}, "
+                     f"head_dim={p.wq.shape[1] // num_heads}, dtype {jnp.dtype(z.dtype)}")
+  if pl is None:
+    y = _attend(z, x, p, num_heads, interpret, block_sizes, z.dtype)
+    return y.reshape(z.shape)
+  cfg = rbk.ReadCfg(int(num_heads), bool(interpret), config.as_block_sizes(block_sizes), pl)
+  return rbk.read_block(z, x, p, cfg)
 
 
 def _composed_write_block(x, z, p: WriteBlockParams, *, num_heads, interpret=False,

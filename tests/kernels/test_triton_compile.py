@@ -28,11 +28,12 @@ def _compile_and_check(shapes, dtypes):
 
 
 def test_recorder_sees_every_kernel():
-  # The forward+backward of one write block (with MLP) and one read block launch all 9
-  # kernels (the write block's forward is one kernel; its backward re-runs the composed ops).
+  # An undifferentiated and a differentiated call of one write block (with MLP) and one
+  # read block launch all 10 kernels: the one-kernel write forward and the fused K/V read
+  # attention serve the undifferentiated calls; gradients use the composed ops.
   recs = cr.unique_records(shapes=CIFAR, dtypes=("bfloat16",))
   names = {r.kernel.__name__ for r in recs}
-  assert names == {"_write_block_fwd_kernel",
+  assert names == {"_write_block_fwd_kernel", "_read_attn_kernel",
                    "_attn_fwd_kernel", "_attn_combine_kernel", "_attn_bwd_delta_kernel",
                    "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel", "_fused_linear_kernel",
                    "_layer_norm_fwd_kernel", "_layer_norm_bwd_kernel"}, names

@@ -1,0 +1,240 @@
+"""The read-block forward with the K/V projection fused into split-K attention
+(kernels/triton_gpu/read_block_kernel.py).
+
+* Numerics in Triton's interpreter (interpret=True) against the float64 reference,
+  forward and gradients w.r.t. z, x and every parameter (jax.grad through the
+  custom_vjp, whose backward re-runs the composed path), on a small published-like
+  shape and odd ones (M in {1, 7, 200}, N in {1, 7, 200, 1000}, T in {24, 40, 80}, head
+  dim 72, batch 1 and 2, one and several key splits, query blocks and T chunks), fp32
+  and fp16 (the interpreter's bf16 tl.dot is wrong, DESIGN.md section 4).
+* The forward never projects K/V with a separate launch (launches recorded, not run).
+* The selection rule: which shapes get the fused forward, which fall back.
+* triton.compile for sm_90 / sm_80 at the published read-block shapes (plus N = 4096 and
+  a head-dim-72 case; bf16, fp16 as a slow test) of the fused kernel and the combine
+  launched after it: no spills, shared memory within the chip limit.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels.params import ReadBlockParams
+from kernels.triton_gpu import blocks
+from kernels.triton_gpu import compile_report as cr
+from kernels.triton_gpu import config
+from kernels.triton_gpu import read_block_kernel as rbk
+from kernels.triton_gpu import launch
+from kernels.triton_gpu.launch import record_launches
+from tests.kernels import op_cases as oc
+
+KERNEL = "_read_attn_kernel"
+# max|got - want| <= tol * scale (scale as in op_cases.assert_close); gradients get 4x.
+TOL = {jnp.dtype(jnp.float32): 5e-5, jnp.dtype(jnp.float16): 2e-2}
+
+
+@pytest.fixture(autouse=True)
+def _x64():
+  with jax.enable_x64(True):   # for the float64 oracle only; kernels get fp32/fp16
+    yield
+
+
+def _assert_close(got, want, tol, what):
+  """Every leaf finite; max|got - want| <= tol * max(|want| of the leaf, 10% of the
+  largest over all leaves) -- op_cases.assert_close with an explicit tolerance."""
+  got_l, want_l = jax.tree.leaves(got), jax.tree.leaves(want)
+  assert len(got_l) == len(want_l), (len(got_l), len(want_l))
+  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(want)]
+  gmax = max(float(np.max(np.abs(np.asarray(w, np.float64)))) for w in want_l)
+  for path, g, w in zip(paths, got_l, want_l):
+    g = np.asarray(jnp.asarray(g, jnp.float32), np.float64)
+    w = np.asarray(w, np.float64)
+    assert g.shape == w.shape, f"{what}{path}: shape {g.shape} != {w.shape}"
+    assert np.all(np.isfinite(g)), f"{what}{path}: non-finite values"
+    scale = max(float(np.max(np.abs(w))), 0.1 * gmax, 1e-30)
+    err = float(np.max(np.abs(g - w)))
+    assert err <= tol * scale, f"{what}{path}: max abs err {err:.3g} > {tol:g} * {scale:.3g}"
+
+
+def _fn(heads, fused=True, **overrides):
+  """The read block; with overrides, the fused forward at a forced plan (tests only)."""
+  if not overrides:
+    return functools.partial(blocks.read_block, num_heads=heads, interpret=True, fused=fused)
+
+  def f(z, x, p):
+    pl = rbk.plan(z.shape[0], z.shape[1], x.shape[1], x.shape[2], p.wq.shape[1], heads,
+                  jnp.dtype(z.dtype).name, force_fp32=True, **overrides)
+    return rbk.read_block(z, x, p, rbk.ReadCfg(heads, True, config.BlockSizes(), pl))
+  return f
+
+
+def check(shape, dtype, seed=0, **overrides):
+  """shape: (batch, m, d, n, t, heads, width)."""
+  batch, m, d, n, t, heads, width = shape
+  args, ct = oc.block_inputs(seed, "read", batch, m, d, n, t, width, 0, dtype)
+  out, grads = oc.value_and_grads(_fn(heads, **overrides), args, ct)
+  want_out, want_grads = oc.oracle("read", args, ct, num_heads=heads)
+  assert out.dtype == jnp.dtype(dtype) and out.shape == args[0].shape
+  tol = TOL[jnp.dtype(dtype)]
+  what = f"read{shape} {jnp.dtype(dtype).name}: "
+  _assert_close(out, want_out, tol, what + "forward")
+  _assert_close(grads, want_grads, 4 * tol, what + "grad")
+
+
+# (batch, m, d, n, t, heads, width)
+SMALL_PUBLISHED_LIKE = (1, 32, 128, 64, 64, 2, 64)  # CIFAR-10 read scaled down 4x (dh 32)
+ODD = [
+    pytest.param((1, 7, 40, 200, 24, 2, 144), {}, id="m7_n200_d72_4splits"),
+    pytest.param((1, 1, 16, 1, 24, 1, 8), {}, id="m1_n1_d8"),
+    pytest.param((2, 9, 32, 7, 40, 2, 144), {}, id="b2_m9_n7_d72"),
+    pytest.param((1, 7, 24, 1000, 80, 1, 16), dict(block_t=32, kv_splits=3),
+                 id="n1000_t80_3chunks_3splits"),
+    pytest.param((1, 200, 24, 20, 24, 2, 32), dict(block_m=128), id="m200_2qblocks"),
+]
+
+
+def test_small_published_like_fp32():
+  check(SMALL_PUBLISHED_LIKE, jnp.float32)
+
+
+def test_small_published_like_fp16():
+  check(SMALL_PUBLISHED_LIKE, jnp.float16)
+
+
+@pytest.mark.parametrize("shape,overrides", ODD)
+def test_odd_fp32(shape, overrides):
+  check(shape, jnp.float32, **overrides)
+
+
+def test_odd_fp16():
+  check((1, 7, 40, 200, 24, 2, 144), jnp.float16)
+
+
+def _abstract_read(b, m, d, n, t, width, dtype):
+  sds = lambda s: jax.ShapeDtypeStruct(s, dtype)
+  p = ReadBlockParams(ln_scale=sds((d,)), ln_bias=sds((d,)), wq=sds((d, width)),
+                      bq=sds((width,)), wk=sds((t, width)), bk=sds((width,)),
+                      wv=sds((t, width)), bv=sds((width,)), wo=sds((width, d)), bo=sds((d,)))
+  return sds((b, m, d)), sds((b, n, t)), p
+
+
+def _fresh_traces():
+  """Launches are recorded while tracing: drop cached traces so every launch re-traces."""
+  from kernels.triton_gpu import attention, linear
+  attention._units.cache_clear()
+  linear._units.cache_clear()
+  rbk._unit.cache_clear()
+  jax.clear_caches()
+
+
+def _launches(fn, *args):
+  _fresh_traces()
+  with record_launches() as recs:
+    jax.make_jaxpr(fn)(*args)
+  return recs
+
+
+def test_forward_never_writes_kv():
+  z, x, p = _abstract_read(1, 128, 512, 256, 256, 256, jnp.bfloat16)   # CIFAR-10 read
+  recs = _launches(_fn(8, fused=None), z, x, p)
+  names = [r.kernel.__name__ for r in recs]
+  assert names == ["_fused_linear_kernel", KERNEL, "_attn_combine_kernel",
+                   "_fused_linear_kernel"], names
+  # The two projections are q = LN(z) Wq + bq (K = D = 512) and the out-projection
+  # (K = W = 256): no launch takes the interface x (K = T) as its matmul input.
+  ks = [dict(r.constexprs)["K"] for r in recs if r.kernel.__name__ == "_fused_linear_kernel"]
+  assert ks == [512, 256], ks
+  names = [r.kernel.__name__ for r in _launches(_fn(8, fused=False), z, x, p)]
+  assert KERNEL not in names and "_attn_fwd_kernel" in names, names
+  # One split: no combine launch.
+  z, x, p = _abstract_read(1, 128, 768, 64, 512, 512, jnp.bfloat16)    # ImageNet-64 p8
+  names = [r.kernel.__name__ for r in _launches(_fn(16, fused=None), z, x, p)]
+  assert names == ["_fused_linear_kernel", KERNEL, "_fused_linear_kernel"], names
+
+
+def test_selection_rule():
+  def pl(b=1, m=128, n=256, t=256, width=256, heads=8, dtype="bfloat16"):
+    return rbk.plan(b, m, n, t, width, heads, dtype)
+  cifar = pl()
+  assert (cifar.block_m, cifar.block_n, cifar.block_t, cifar.d_pad) == (128, 64, 64, 32)
+  assert cifar.kv_splits == 4 and cifar.num_warps == 8
+  assert pl(t=512, width=512, heads=16, n=4096).kv_splits == 16          # ImageNet-64, long
+  assert pl(t=4096, width=512, heads=16) is not None                      # T is streamed
+  assert pl(m=256).block_m == 128                                         # 2 query blocks
+  assert pl(m=257) is None                                                # 3: falls back
+  assert pl(m=128, width=144, heads=2).block_m == 64                      # head dim 72
+  assert pl(m=129, width=144, heads=2) is None
+  assert pl(width=320, heads=2) is None                                   # head dim 160
+  assert pl(dtype="float32") is None                                     # fp32 spills
+  assert rbk.plan(1, 128, 256, 256, 256, 8, "float32", force_fp32=True).block_m == 64
+  assert pl(m=1, n=1, t=24, width=8, heads=1).block_n == 16               # tiny sizes pad
+  z, x, p = _abstract_read(1, 300, 32, 8, 24, 64, jnp.float32)
+  with pytest.raises(ValueError, match="does not fit"):
+    blocks.read_block(z, x, p, num_heads=2, fused=True)
+
+
+def test_vmap_folds_into_the_kernel_grid():
+  args, _ = oc.block_inputs(2, "read", 2, 6, 16, 9, 24, 32, 0, jnp.float32)
+  z, x, p = args
+  z, x = z[:, None], x[:, None]   # vmap over axis 0, each example a batch of 1
+  got = jax.vmap(_fn(2), in_axes=(0, 0, None))(z, x, p)
+  want = jax.vmap(lambda a, b, q: oc.reference.read_block(a, b, q, num_heads=2),
+                  in_axes=(0, 0, None))(*oc.to64((z, x, p)))
+  _assert_close(got, want, TOL[jnp.dtype(jnp.float32)], "vmap: ")
+
+
+# ----------------------------------------------------------------------------
+# sm_90 / sm_80 compilation at the published read-block shapes.
+# ----------------------------------------------------------------------------
+
+def _undo_interpreter_patches():
+  """Triton 3.8's interpreter leaks patches: a nested interpreted call (a @triton.jit
+  helper such as tl.sum / tl.max, interpreted by launch._interpreted_stdlib) runs
+  `_patch_lang` on its module's globals and never restores it, so after any interpreted
+  launch in this process the builtins of triton.language.core stay wrapped in lambdas
+  that force the interpreter's semantic. A later triton.compile then fails, on and off,
+  with "'ir.value' object has no attribute 'dtype'". The wrappers keep the original as
+  their `member` default: put the originals back (call with launch._INTERP_LOCK held)."""
+  import triton.language as tl
+  for obj in (tl, tl.core, tl.math, tl.core.tensor, tl.core.tensor_descriptor_base):
+    for name, val in list(vars(obj).items()):
+      while (getattr(val, "__name__", "") == "<lambda>"
+             and "member" in (getattr(val, "__kwdefaults__", None) or {})):
+        val = val.__kwdefaults__["member"]
+        setattr(obj, name, val)
+
+
+# (name, b, m, d, n, t, width, heads)
+READ_SHAPES = (
+    ("cifar10", 1, 128, 512, 256, 256, 256, 8),
+    ("imagenet64_p4", 1, 128, 768, 256, 512, 512, 16),
+    ("imagenet64_p8", 1, 128, 768, 64, 512, 512, 16),
+    ("imagenet64_long_n4096", 1, 128, 768, 4096, 512, 512, 16),
+    ("head_dim72_n1000", 1, 128, 64, 1000, 64, 144, 2),  # not published: the D_PAD 128 plan
+)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", pytest.param("float16", marks=pytest.mark.slow)])
+def test_compiles_without_spills_at_published_shapes(dtype):
+  rows = []
+  for name, b, m, d, n, t, width, heads in READ_SHAPES:
+    recs = _launches(_fn(heads, fused=None),
+                     *_abstract_read(b, m, d, n, t, width, jnp.dtype(dtype)))
+    assert [r.kernel.__name__ for r in recs].count(KERNEL) == 1, \
+        f"{name}: the rule must select the fused forward"
+    # The fused kernel and the combine launched after it (its BLOCK_M / warps are the
+    # fused plan's, a variant the composed attention never launches).
+    for rec in (r for r in recs if r.kernel.__name__ in (KERNEL, "_attn_combine_kernel")):
+      for arch in cr.ARCHS:
+        with launch._INTERP_LOCK:
+          _undo_interpreter_patches()
+          r = cr.compile_record(rec, arch)
+        rows.append((r, [f"{name}:{dtype}"]))
+        print(f"{name:22s} {dtype:8s} {r.kernel:20s} sm_{arch} grid={rec.grid} "
+              f"warps={r.num_warps} stages={r.num_stages} regs={r.regs:3d} "
+              f"spill={r.spill_bytes} smem={r.shared_bytes:6d}  {r.key}")
+  bad = cr.violations(rows)
+  assert not bad, "\n".join(bad)
