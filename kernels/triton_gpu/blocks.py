@@ -26,8 +26,9 @@ runs the composed forward and keeps its residuals for the composed backward (who
 carry the Triton backward kernels), so training never computes the forward twice. Otherwise (or with fused=False) the composed path
 runs forwards too. `block_sizes` applies to the composed ops (K/V projections, backward).
 
-Not (yet) fused: the interface K/V projection of the read block is not fused into the
-attention kernel (it is its own kernel, writing K/V once).
+read_block forward (read_block_kernel.py): for fp16/bf16 within its plan, the interface
+K/V projection is fused into the split-K attention kernel (K/V never written); same
+custom_vjp rule as the write block (undifferentiated calls only).
 """
 from __future__ import annotations
 

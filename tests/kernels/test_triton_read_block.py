@@ -1,9 +1,10 @@
 """The read-block forward with the K/V projection fused into split-K attention
 (kernels/triton_gpu/read_block_kernel.py).
 
-* Numerics in Triton's interpreter (interpret=True) against the float64 reference,
-  forward and gradients w.r.t. z, x and every parameter (jax.grad through the
-  custom_vjp, whose backward re-runs the composed path), on a small published-like
+* Numerics in Triton's interpreter (interpret=True) against the float64 reference:
+  the fused forward (an undifferentiated call) and, under jax.grad, the value and the
+  gradients w.r.t. z, x and every parameter (the custom_vjp's differentiated call runs
+  the composed forward and backward), on a small published-like
   shape and odd ones (M in {1, 7, 200}, N in {1, 7, 200, 1000}, T in {24, 40, 80}, head
   dim 72, batch 1 and 2, one and several key splits, query blocks and T chunks), fp32
   and fp16 (the interpreter's bf16 tl.dot is wrong, DESIGN.md section 4).
@@ -75,12 +76,18 @@ def check(shape, dtype, seed=0, **overrides):
   """shape: (batch, m, d, n, t, heads, width)."""
   batch, m, d, n, t, heads, width = shape
   args, ct = oc.block_inputs(seed, "read", batch, m, d, n, t, width, 0, dtype)
-  out, grads = oc.value_and_grads(_fn(heads, **overrides), args, ct)
+  fn = _fn(heads, **overrides)
+  # Undifferentiated call: the fused forward (a differentiated call runs the composed
+  # forward + backward, so value_and_grads' value is the composed path's).
+  fused_out = jax.jit(fn)(*args)
+  out, grads = oc.value_and_grads(fn, args, ct)
   want_out, want_grads = oc.oracle("read", args, ct, num_heads=heads)
-  assert out.dtype == jnp.dtype(dtype) and out.shape == args[0].shape
+  for o in (fused_out, out):
+    assert o.dtype == jnp.dtype(dtype) and o.shape == args[0].shape
   tol = TOL[jnp.dtype(dtype)]
   what = f"read{shape} {jnp.dtype(dtype).name}: "
-  _assert_close(out, want_out, tol, what + "forward")
+  _assert_close(fused_out, want_out, tol, what + "fused forward")
+  _assert_close(out, want_out, tol, what + "forward under grad")
   _assert_close(grads, want_grads, 4 * tol, what + "grad")
 
 
@@ -149,6 +156,10 @@ def test_forward_never_writes_kv():
   assert ks == [512, 256], ks
   names = [r.kernel.__name__ for r in _launches(_fn(8, fused=False), z, x, p)]
   assert KERNEL not in names and "_attn_fwd_kernel" in names, names
+  # A differentiated call runs the composed forward (its residuals feed the backward).
+  loss = lambda z, x, p: jnp.sum(_fn(8, fused=None)(z, x, p).astype(jnp.float32))
+  names = [r.kernel.__name__ for r in _launches(jax.grad(loss, argnums=(0, 1, 2)), z, x, p)]
+  assert KERNEL not in names and "_attn_bwd_dq_kernel" in names, names
   # One split: no combine launch.
   z, x, p = _abstract_read(1, 128, 768, 64, 512, 512, jnp.bfloat16)    # ImageNet-64 p8
   names = [r.kernel.__name__ for r in _launches(_fn(16, fused=None), z, x, p)]
