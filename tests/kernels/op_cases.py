@@ -138,15 +138,17 @@ def oracle(op, args, ct, **kw):
   return value_and_grads(fn, to64(args), to64(ct))
 
 
-def assert_close(got, want, dtype, what=""):
-  """Every leaf finite, and max|got - want| <= tol(dtype) * scale, scale being the
+def assert_close(got, want, dtype=None, what="", *, tol=None):
+  """Every leaf finite, and max|got - want| <= tol * scale, scale being the
   leaf's largest reference magnitude, floored at 10% of the largest over all leaves
-  (some gradients, e.g. of the key bias, are exactly zero in exact arithmetic)."""
+  (some gradients, e.g. of the key bias, are exactly zero in exact arithmetic).
+  tol: given explicitly, or tolerance(dtype)."""
   got_l, want_l = jax.tree.leaves(got), jax.tree.leaves(want)
   assert len(got_l) == len(want_l), (len(got_l), len(want_l))
   paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(want)]
   gmax = max(float(np.max(np.abs(np.asarray(w, np.float64)))) for w in want_l)
-  tol = tolerance(dtype)
+  if tol is None:
+    tol = tolerance(dtype)
   for path, g, w in zip(paths, got_l, want_l):
     g = np.asarray(jnp.asarray(g, jnp.float32), np.float64)
     w = np.asarray(w, np.float64)
@@ -155,4 +157,4 @@ def assert_close(got, want, dtype, what=""):
     scale = max(float(np.max(np.abs(w))), 0.1 * gmax, 1e-30)
     err = float(np.max(np.abs(g - w)))
     assert err <= tol * scale, (
-        f"{what}{path}: max abs err {err:.3g} > {tol:g} * {scale:.3g} (dtype {jnp.dtype(dtype)})")
+        f"{what}{path}: max abs err {err:.3g} > {tol:g} * {scale:.3g} (dtype {dtype if dtype is None else jnp.dtype(dtype)})")

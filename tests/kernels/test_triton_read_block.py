@@ -43,23 +43,6 @@ def _x64():
     yield
 
 
-def _assert_close(got, want, tol, what):
-  """Every leaf finite; max|got - want| <= tol * max(|want| of the leaf, 10% of the
-  largest over all leaves) -- op_cases.assert_close with an explicit tolerance."""
-  got_l, want_l = jax.tree.leaves(got), jax.tree.leaves(want)
-  assert len(got_l) == len(want_l), (len(got_l), len(want_l))
-  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(want)]
-  gmax = max(float(np.max(np.abs(np.asarray(w, np.float64)))) for w in want_l)
-  for path, g, w in zip(paths, got_l, want_l):
-    g = np.asarray(jnp.asarray(g, jnp.float32), np.float64)
-    w = np.asarray(w, np.float64)
-    assert g.shape == w.shape, f"{what}{path}: shape {g.shape} != {w.shape}"
-    assert np.all(np.isfinite(g)), f"{what}{path}: non-finite values"
-    scale = max(float(np.max(np.abs(w))), 0.1 * gmax, 1e-30)
-    err = float(np.max(np.abs(g - w)))
-    assert err <= tol * scale, f"{what}{path}: max abs err {err:.3g} > {tol:g} * {scale:.3g}"
-
-
 def _fn(heads, fused=True, **overrides):
   """The read block; with overrides, the fused forward at a forced plan (tests only)."""
   if not overrides:
@@ -86,9 +69,9 @@ def check(shape, dtype, seed=0, **overrides):
     assert o.dtype == jnp.dtype(dtype) and o.shape == args[0].shape
   tol = TOL[jnp.dtype(dtype)]
   what = f"read{shape} {jnp.dtype(dtype).name}: "
-  _assert_close(fused_out, want_out, tol, what + "fused forward")
-  _assert_close(out, want_out, tol, what + "forward under grad")
-  _assert_close(grads, want_grads, 4 * tol, what + "grad")
+  oc.assert_close(fused_out, want_out, tol=tol, what=what + "fused forward")
+  oc.assert_close(out, want_out, tol=tol, what=what + "forward under grad")
+  oc.assert_close(grads, want_grads, tol=4 * tol, what=what + "grad")
 
 
 # (batch, m, d, n, t, heads, width)
@@ -194,7 +177,7 @@ def test_vmap_folds_into_the_kernel_grid():
   got = jax.vmap(_fn(2), in_axes=(0, 0, None))(z, x, p)
   want = jax.vmap(lambda a, b, q: oc.reference.read_block(a, b, q, num_heads=2),
                   in_axes=(0, 0, None))(*oc.to64((z, x, p)))
-  _assert_close(got, want, TOL[jnp.dtype(jnp.float32)], "vmap: ")
+  oc.assert_close(got, want, tol=TOL[jnp.dtype(jnp.float32)], what="vmap: ")
 
 
 # ----------------------------------------------------------------------------

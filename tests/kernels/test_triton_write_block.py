@@ -38,23 +38,6 @@ def _x64():
     yield
 
 
-def _assert_close(got, want, tol, what):
-  """Every leaf finite; max|got - want| <= tol * max(|want| of the leaf, 10% of the
-  largest over all leaves) -- op_cases.assert_close with an explicit tolerance."""
-  got_l, want_l = jax.tree.leaves(got), jax.tree.leaves(want)
-  assert len(got_l) == len(want_l), (len(got_l), len(want_l))
-  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(want)]
-  gmax = max(float(np.max(np.abs(np.asarray(w, np.float64)))) for w in want_l)
-  for path, g, w in zip(paths, got_l, want_l):
-    g = np.asarray(jnp.asarray(g, jnp.float32), np.float64)
-    w = np.asarray(w, np.float64)
-    assert g.shape == w.shape, f"{what}{path}: shape {g.shape} != {w.shape}"
-    assert np.all(np.isfinite(g)), f"{what}{path}: non-finite values"
-    scale = max(float(np.max(np.abs(w))), 0.1 * gmax, 1e-30)
-    err = float(np.max(np.abs(g - w)))
-    assert err <= tol * scale, f"{what}{path}: max abs err {err:.3g} > {tol:g} * {scale:.3g}"
-
-
 def _fn(heads, fused=True):
   return functools.partial(blocks.write_block, num_heads=heads, interpret=True, fused=fused)
 
@@ -70,8 +53,8 @@ def check(shape, dtype, seed=0):
   assert out.dtype == jnp.dtype(dtype) and out.shape == args[0].shape
   tol = TOL[jnp.dtype(dtype)]
   what = f"write{shape} {jnp.dtype(dtype).name}: "
-  _assert_close(out, want_out, tol, what + "forward")
-  _assert_close(grads, want_grads, 4 * tol, what + "grad")
+  oc.assert_close(out, want_out, tol=tol, what=what + "forward")
+  oc.assert_close(grads, want_grads, tol=4 * tol, what=what + "grad")
 
 
 # (batch, m, d, n, t, heads, width, mlp_ratio)
@@ -206,4 +189,4 @@ def test_vmap_folds_into_the_kernel_grid():
   got = jax.vmap(_fn(2), in_axes=(0, 0, None))(x, z, p)
   want = jax.vmap(lambda a, b, q: oc.reference.write_block(a, b, q, num_heads=2),
                   in_axes=(0, 0, None))(*oc.to64((x, z, p)))
-  _assert_close(got, want, TOL[jnp.dtype(jnp.float32)], "vmap: ")
+  oc.assert_close(got, want, tol=TOL[jnp.dtype(jnp.float32)], what="vmap: ")
