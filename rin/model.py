@@ -33,6 +33,30 @@ def timestep_embedding(gamma, dim: int, max_period: float = 10000.0):
   return (emb - mean) / (std + 1e-6)
 
 
+class PatchStem(nn.Module):
+  """``nn.Conv(features, (p, p), strides=(p, p), padding="VALID")`` as space-to-depth and
+  one matmul, with the same parameters ("kernel" [p, p, C, F], "bias" [F]) and init.
+
+  Why not nn.Conv: with oneDNN dots on CPU (rin/xla_cpu.py) XLA turns the strided conv into
+  a ``__onednn$convolution`` custom call that jax 0.12 cannot serialise, so no train step
+  would enter the persistent compilation cache. A matmul is what this conv is anyway.
+  """
+  features: int
+  patch_size: int
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x):
+    b, h, w, c = x.shape
+    p = self.patch_size
+    kernel = self.param("kernel", nn.initializers.xavier_uniform(), (p, p, c, self.features))
+    bias = self.param("bias", zeros, (self.features,))
+    dt = self.dtype or x.dtype
+    patches = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    y = jnp.einsum("bijpqc,pqcf->bijf", patches.astype(dt), kernel.astype(dt))
+    return y + bias.astype(dt)
+
+
 class RIN(nn.Module):
   """Recurrent Interface Network for images [B, H, W, C] -> (prediction, latents)."""
   image_size: int = 32
@@ -104,8 +128,7 @@ class RIN(nn.Module):
     g = self.image_size // p
 
     # Interface: patch stem, LN, learned positions.
-    x = nn.Conv(t_dim, (p, p), strides=(p, p), padding="VALID", kernel_init=nn.initializers.xavier_uniform(),
-                bias_init=zeros, dtype=self.dtype, name="stem")(x_t.astype(dt))
+    x = PatchStem(t_dim, p, dtype=self.dtype, name="stem")(x_t.astype(dt))
     x = x.reshape(b, g * g, t_dim)
     x = LayerNorm(name="stem_ln", dtype=self.dtype)(x)
     x = x + self.param("pos_interface", pos_init, (g * g, t_dim)).astype(x.dtype)

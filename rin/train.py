@@ -419,55 +419,60 @@ def train(config: ConfigDict, workdir: str, *, implementation: str | None = None
   abstract, shardings = abstract_train_state(config, model, mesh)
   writer = logging_utils.MetricWriter(workdir, tensorboard=tc.get("tensorboard", True))
   mngr = checkpoint_manager(workdir, config)
-  restored = restore_latest(mngr, abstract, workdir, validate_iter=None)
-  if restored is not None:
-    state, iter_state, step0 = restored
-    iterator.set_state(iter_state)
-    dropped = writer.truncate_after(step0)
-    logging.info("resumed from step %d%s", step0,
-                 f" (dropped {dropped} metric records written after it)" if dropped else "")
-  else:
-    state = jax.jit(lambda k: init_state(config, model, k), out_shardings=shardings)(
-        jax.random.PRNGKey(tc.seed))
-    writer.truncate_after(0)
+  try:   # until the loop's own try/finally takes over, a failure must still close them
+    restored = restore_latest(mngr, abstract, workdir, validate_iter=None)
+    if restored is not None:
+      state, iter_state, step0 = restored
+      iterator.set_state(iter_state)
+      dropped = writer.truncate_after(step0)
+      logging.info("resumed from step %d%s", step0,
+                   f" (dropped {dropped} metric records written after it)" if dropped else "")
+    else:
+      state = jax.jit(lambda k: init_state(config, model, k), out_shardings=shardings)(
+          jax.random.PRNGKey(tc.seed))
+      writer.truncate_after(0)
 
-  rep = distributed.replicated(mesh)
-  batch_sh = distributed.batch_sharding(mesh)
-  step_fn = jax.jit(make_train_step(model, config, mesh=mesh),
-                    in_shardings=(shardings, {"image": batch_sh, "label": batch_sh}),
-                    out_shardings=(shardings, rep), donate_argnums=(0,))
-  sample_fn = make_sample_fn(model, config, num_steps=tc.sample_steps_during_training,
-                             out_sharding=rep)
-  ev_cfg = config.get("eval", ConfigDict())
-  eval_every = tc.get("eval_every", 0) if has_eval_metric(config) else 0
-  evaluator = None
-  eval_sample_fn = None
+    rep = distributed.replicated(mesh)
+    batch_sh = distributed.batch_sharding(mesh)
+    step_fn = jax.jit(make_train_step(model, config, mesh=mesh),
+                      in_shardings=(shardings, {"image": batch_sh, "label": batch_sh}),
+                      out_shardings=(shardings, rep), donate_argnums=(0,))
+    sample_fn = make_sample_fn(model, config, num_steps=tc.sample_steps_during_training,
+                               out_sharding=rep)
+    ev_cfg = config.get("eval", ConfigDict())
+    eval_every = tc.get("eval_every", 0) if has_eval_metric(config) else 0
+    evaluator = None
+    eval_sample_fn = None
 
-  def run_eval(step_now):
-    nonlocal evaluator, eval_sample_fn
-    if eval_sample_fn is None:
-      evaluator = Evaluator(config, dataset) if distributed.is_primary() else None
-      eval_sample_fn = make_sample_fn(
-          model, config, num_steps=ev_cfg.get("sample_steps", tc.sample_steps_during_training),
-          out_sharding=rep)
-    t0 = time.perf_counter()
-    res, _ = evaluate(config, evaluator, eval_sample_fn, state.ema_params, seed=tc.seed + 2,
-                      num_samples=ev_cfg.get("num_samples", 256),
-                      batch_size=ev_cfg.get("batch_size", 256))
-    if res:
-      res["eval_seconds"] = time.perf_counter() - t0
-      writer.write(step_now, res, prefix="eval/")
-      logging.info("eval at step %d: %s", step_now,
-                   {k: round(v, 4) for k, v in res.items() if isinstance(v, float)})
+    def run_eval(step_now):
+      nonlocal evaluator, eval_sample_fn
+      if eval_sample_fn is None:
+        evaluator = Evaluator(config, dataset) if distributed.is_primary() else None
+        eval_sample_fn = make_sample_fn(
+            model, config, num_steps=ev_cfg.get("sample_steps", tc.sample_steps_during_training),
+            out_sharding=rep)
+      t0 = time.perf_counter()
+      res, _ = evaluate(config, evaluator, eval_sample_fn, state.ema_params, seed=tc.seed + 2,
+                        num_samples=ev_cfg.get("num_samples", 256),
+                        batch_size=ev_cfg.get("batch_size", 256))
+      if res:
+        res["eval_seconds"] = time.perf_counter() - t0
+        writer.write(step_now, res, prefix="eval/")
+        logging.info("eval at step %d: %s", step_now,
+                     {k: round(v, 4) for k, v in res.items() if isinstance(v, float)})
 
-  start = int(distributed.to_host(state.step))
-  end = tc.num_steps
-  if stop_after is not None:
-    end = min(end, start + stop_after)
-  if stop_at_step is not None:
-    end = min(end, stop_at_step)
-  if eval_every and start == 0 and ev_cfg.get("at_start", True) and end > 0:
-    run_eval(0)
+    start = int(distributed.to_host(state.step))
+    end = tc.num_steps
+    if stop_after is not None:
+      end = min(end, start + stop_after)
+    if stop_at_step is not None:
+      end = min(end, stop_at_step)
+    if eval_every and start == 0 and ev_cfg.get("at_start", True) and end > 0:
+      run_eval(0)
+  except BaseException:
+    writer.close()
+    mngr.close()
+    raise
 
   stop = _StopFlag().install()
   bar = tqdm(total=tc.num_steps, initial=start, disable=not progress or not distributed.is_primary(),
@@ -582,14 +587,7 @@ def main():
       print(f"rin.train: {e}", flush=True)
       raise SystemExit(3)
     if jax.process_count() > 1:
-      # Everything is saved (the checkpoint save is a barrier). Interpreter teardown of a
-      # gloo-connected process was seen spinning for minutes here, so leave directly.
-      from jax.experimental import multihost_utils
-      multihost_utils.sync_global_devices("rin_train_done")
-      import sys
-      sys.stdout.flush()
-      sys.stderr.flush()
-      os._exit(0)
+      distributed.exit_process(0)     # everything is saved (the checkpoint save is a barrier)
 
   app.run(run)
 

@@ -125,3 +125,18 @@ def test_dispatch_lists_and_defaults():
   assert "xla" in kernels.available_implementations()
   assert kernels.default_implementation("cpu") == "xla"
   assert kernels.resolve_implementation(None) in kernels.IMPLEMENTATIONS
+
+
+def test_reference_softmax_matches_jax_nn_softmax_forward_and_backward():
+  # reference.softmax avoids the divide form (see its docstring); it must stay softmax.
+  s = jax.random.normal(jax.random.PRNGKey(3), (3, 5, 37)) * 4.0
+  w = jax.random.normal(jax.random.PRNGKey(4), s.shape)
+  np.testing.assert_allclose(reference.softmax(s), jax.nn.softmax(s, -1), rtol=1e-6, atol=1e-7)
+  g_ref = jax.grad(lambda s: jnp.sum(jax.nn.softmax(s, -1) * w))(s)
+  g = jax.grad(lambda s: jnp.sum(reference.softmax(s) * w))(s)
+  np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-6)
+  s64 = np.asarray(s, np.float64)
+  e = np.exp(s64 - s64.max(-1, keepdims=True))
+  with jax.enable_x64():
+    np.testing.assert_allclose(reference.softmax(jnp.asarray(s64)), e / e.sum(-1, keepdims=True),
+                               rtol=1e-13)

@@ -154,3 +154,19 @@ def test_bf16_compute_returns_float32_so_carried_latents_keep_one_type():
   assert out.dtype == jnp.float32 and z1.dtype == jnp.float32
   out2, z2 = step(params, z1)               # the carried latents are accepted as they are
   assert z2.dtype == jnp.float32 and np.all(np.isfinite(np.asarray(out2)))
+
+
+def test_patch_stem_is_the_strided_conv_it_replaces():
+  """rin.model.PatchStem (a matmul, see its docstring) = nn.Conv(p x p, stride p, VALID):
+  same parameter names, shapes and initial values, same outputs."""
+  import flax.linen as nn
+  from rin.model import PatchStem
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 12, 3))
+  stem = PatchStem(5, 2)
+  conv = nn.Conv(5, (2, 2), strides=(2, 2), padding="VALID",
+                 kernel_init=nn.initializers.xavier_uniform(), bias_init=nn.initializers.zeros)
+  p_stem, p_conv = stem.init(jax.random.PRNGKey(0), x), conv.init(jax.random.PRNGKey(0), x)
+  assert jax.tree.structure(p_stem) == jax.tree.structure(p_conv)
+  jax.tree.map(np.testing.assert_array_equal, p_stem, p_conv)
+  params = jax.tree.map(lambda a: a + 0.1, p_stem)       # a non-zero bias too
+  np.testing.assert_allclose(stem.apply(params, x), conv.apply(params, x), rtol=1e-5, atol=1e-5)

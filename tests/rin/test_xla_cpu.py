@@ -50,3 +50,35 @@ def test_test_process_dots_really_go_to_onednn():
   b = jnp.ones((256, 64), jnp.bfloat16)
   hlo = jax.jit(lambda a, b: a.T @ b).lower(a, b).compile().as_text()
   assert "onednn" in hlo.lower()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_model_programs_serialise_for_the_compilation_cache(dtype):
+  """With oneDNN on, XLA rewrites a divide-form softmax and a strided conv into oneDNN
+  custom calls that cannot be serialised, so those programs silently never entered the
+  persistent compilation cache (a "std::bad_alloc" warning, a full recompile in every
+  process). The model avoids both forms (kernels.reference.softmax, rin.model.PatchStem);
+  the train step (whose self-conditioning pass is forward-only) and the sampler must
+  serialise."""
+  from jax.experimental.serialize_executable import serialize
+
+  from rin import train as train_lib
+  from tests.rin.tiny import tiny_config
+  cfg = tiny_config(dtype=dtype)
+  model = train_lib.create_model(cfg)
+  state = jax.eval_shape(lambda: train_lib.init_state(cfg, model, jax.random.PRNGKey(0)))
+  b, s = cfg.train.batch_size, cfg.model.image_size
+  batch = {"image": jax.ShapeDtypeStruct((b, s, s, 1), jnp.float32),
+           "label": jax.ShapeDtypeStruct((b,), jnp.int32)}
+  step = jax.jit(train_lib.make_train_step(model, cfg)).lower(state, batch).compile()
+  sample = train_lib.make_sample_fn(model, cfg, num_steps=2).lower(
+      state.ema_params, jax.random.PRNGKey(0), jnp.zeros((4,), jnp.int32)).compile()
+  for name, compiled in [("train step", step), ("sampler", sample)]:
+    try:
+      serialize(compiled)
+    except Exception as e:  # noqa: BLE001 - the error type is XLA's choice
+      raise AssertionError(f"the {name} cannot be serialised ({type(e).__name__}: {e}); "
+                           "custom calls in it: " + ", ".join(sorted(set(
+                               l.split('custom_call_target="')[1].split('"')[0]
+                               for l in compiled.as_text().splitlines()
+                               if 'custom_call_target="' in l)))) from e
