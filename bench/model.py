@@ -367,11 +367,12 @@ def main(argv=None) -> dict:
   ap.add_argument("--dtype", default=None, help="compute dtype (config.train.dtype)")
   ap.add_argument("--out", default=None)
   args = ap.parse_args(argv)
-  xla_cpu.enable_onednn_dots()      # before the first computation (rin/xla_cpu.py)
-  platform = jax.default_backend()
   config = load_config(args.config)
   if args.dtype:
     config.train.dtype = args.dtype
+  # Before the first computation (rin/xla_cpu.py); bf16 also routes every dot to oneDNN.
+  xla_cpu.enable_onednn_dots(config.train.dtype)
+  platform = jax.default_backend()
   cpu = platform == "cpu"
   steps = args.steps or (3 if cpu else 20)
   sample_steps = args.sample_steps or (3 if cpu else 20)

@@ -82,8 +82,9 @@ def generate(config, params, model, *, num_samples: int, seed: int = 0, label=No
 
 def main(argv):
   del argv
-  xla_cpu.enable_onednn_dots()        # before the first computation starts the backend
   config = _CONFIG.value
+  # Before the first computation starts the backend; bf16 also routes every dot to oneDNN.
+  xla_cpu.enable_onednn_dots(config.train.get("dtype"))
   model = train_lib.create_model(config, implementation=_IMPL.value, interpret=_INTERPRET.value)
   params, step = load_ema_params(config, _WORKDIR.value, model)
   images, labels = generate(config, params, model, num_samples=_NUM.value, seed=_SEED.value,

@@ -8,6 +8,13 @@ Measured on this 2-core Sapphire Rapids VM, CIFAR-10 config, batch 8 (one proces
 train step float32 3.43 s -> 2.57 s, bfloat16 6.47 s -> 1.76 s; the same losses to the
 printed digits in float32 (bench/results/ has the model benchmark with and without).
 
+For 16-bit compute (`compute_dtype="bfloat16"`) it also empties
+`--xla_cpu_experimental_ynn_fusion_type`: jax 0.12's XLA:CPU hands most dots (and the
+elementwise work around them) to YNNPACK fusions, which reached only ~160 GFLOP/s on bf16
+dots here, against oneDNN's AMX kernels; with YNN fusions off every dot goes to oneDNN.
+CIFAR-10, batch 32, bf16: 5.12 -> 4.05 s per train step. Not for float32, where YNNPACK
+is the faster of the two (7.94 -> 9.57 s with it off): see README.md, Benchmarks.
+
 XLA reads XLA_FLAGS once, when the first computation creates the CPU backend, so
 `enable_onednn_dots()` must run before that; it is a no-op (with a warning) afterwards.
 Set RIN_CPU_ONEDNN=0 to keep XLA's default dots; a value the user put in XLA_FLAGS wins.
@@ -18,6 +25,8 @@ import logging
 import os
 
 ONEDNN_FLAG_NAME = "xla_cpu_experimental_onednn_custom_call"
+YNN_FUSION_FLAG_NAME = "xla_cpu_experimental_ynn_fusion_type"
+LOW_PRECISION = ("bfloat16", "float16")
 ENV_SWITCH = "RIN_CPU_ONEDNN"
 
 log = logging.getLogger(__name__)
@@ -37,8 +46,12 @@ def onednn_dots_requested() -> bool:
   return f"--{ONEDNN_FLAG_NAME}=true" in flags or f"--{ONEDNN_FLAG_NAME}=1" in flags
 
 
-def enable_onednn_dots() -> bool:
-  """Add the oneDNN dot flag to XLA_FLAGS unless disabled; returns whether it is on."""
+def enable_onednn_dots(compute_dtype: str | None = None) -> bool:
+  """Add the oneDNN dot flag to XLA_FLAGS unless disabled; returns whether it is on.
+
+  compute_dtype: the model's compute dtype when known (config.train.dtype); for bfloat16 /
+  float16 YNN fusions are turned off too, so that every dot goes to oneDNN.
+  """
   if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
     return onednn_dots_requested()
   flags = os.environ.get("XLA_FLAGS", "")
@@ -48,5 +61,9 @@ def enable_onednn_dots() -> bool:
     log.warning("rin.xla_cpu: JAX's backend already started; %s not applied",
                 ONEDNN_FLAG_NAME)
     return False
-  os.environ["XLA_FLAGS"] = f"{flags} --{ONEDNN_FLAG_NAME}=true".strip()
+  flags = f"{flags} --{ONEDNN_FLAG_NAME}=true"
+  if compute_dtype is not None and str(compute_dtype) in LOW_PRECISION \
+      and YNN_FUSION_FLAG_NAME not in flags:
+    flags += f" --{YNN_FUSION_FLAG_NAME}="
+  os.environ["XLA_FLAGS"] = flags.strip()
   return True

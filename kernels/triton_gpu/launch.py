@@ -83,15 +83,28 @@ def _clone(fn, globs):
   return f
 
 
+def _interpreted_globals(module_globals: dict, memo: dict) -> dict:
+  """A copy of a module's globals in which every @triton.jit function is interpreted.
+
+  A helper imported from another module (kernels/triton_gpu/tl_helpers.py) is cloned over
+  *its own* module's globals, so it resolves its names where it was defined."""
+  from triton.runtime.interpreter import InterpretedFunction
+  key = id(module_globals)
+  if key in memo:
+    return memo[key]
+  globs = memo[key] = dict(module_globals)
+  for name, val in list(globs.items()):
+    if isinstance(val, JITFunction):
+      home = _interpreted_globals(val.fn.__globals__, memo)
+      globs[name] = InterpretedFunction(_clone(val.fn, home))
+  return globs
+
+
 @functools.cache
 def interpreted(kernel: JITFunction):
   """An InterpretedFunction running `kernel`'s source in Triton's interpreter."""
   from triton.runtime.interpreter import InterpretedFunction
-  globs = dict(kernel.fn.__globals__)
-  for name, val in list(globs.items()):
-    if isinstance(val, JITFunction):
-      globs[name] = InterpretedFunction(_clone(val.fn, globs))
-  return InterpretedFunction(_clone(kernel.fn, globs))
+  return InterpretedFunction(_clone(kernel.fn, _interpreted_globals(kernel.fn.__globals__, {})))
 
 
 _STDLIB_MODULES = ("triton.language", "triton.language.standard", "triton.language.random",
@@ -124,6 +137,29 @@ def _interpreted_stdlib():
   finally:
     for mod, name, val in reversed(saved):
       setattr(mod, name, val)
+    _restore_triton_language()
+
+
+def _restore_triton_language():
+  """Undoes the patches Triton's interpreter (3.8) leaks into triton.language.
+
+  A nested interpreted call (an interpreted stdlib helper such as tl.sum / tl.max) runs
+  the interpreter's `_patch_lang` on its module's globals and never restores it, so after
+  an interpreted launch the builtins of triton.language.core stay wrapped in lambdas that
+  force the interpreter's semantic; a later `triton.compile` in the same process then
+  fails, on and off, with "'ir.value' object has no attribute 'dtype'". Each wrapper keeps
+  the original as its `member` default: put the originals back. Call with _INTERP_LOCK
+  held (every interpreted launch does, on its way out)."""
+  import triton.language as tl
+  owners = [tl, tl.core, tl.math, tl.core.tensor]
+  if hasattr(tl.core, "tensor_descriptor_base"):
+    owners.append(tl.core.tensor_descriptor_base)
+  for obj in owners:
+    for name, val in list(vars(obj).items()):
+      while (getattr(val, "__name__", "") == "<lambda>"
+             and "member" in (getattr(val, "__kwdefaults__", None) or {})):
+        val = val.__kwdefaults__["member"]
+        setattr(obj, name, val)
 
 
 def _to_torch(a: np.ndarray):

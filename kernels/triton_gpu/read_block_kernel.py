@@ -68,6 +68,7 @@ from kernels.triton_gpu import attention_kernels as ak
 from kernels.triton_gpu import config
 from kernels.triton_gpu.launch import launch, vmappable
 from kernels.triton_gpu.linear import fused_linear
+from kernels.triton_gpu.tl_helpers import mm
 
 MAX_D_PAD = 128
 MAX_BLOCK_M = 128
@@ -125,14 +126,6 @@ def plan(b: int, m: int, n: int, t: int, width: int, heads: int, dtype_name: str
 
 
 @triton.jit
-def _mm(a, b, IEEE: tl.constexpr):
-  if IEEE:
-    return tl.dot(a, b, input_precision="ieee")
-  else:
-    return tl.dot(a, b)
-
-
-@triton.jit
 def _read_attn_kernel(
     q_ptr, x_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr, o_ptr, lse_ptr,
     SCALE: tl.constexpr, B: tl.constexpr, H: tl.constexpr, M: tl.constexpr,
@@ -179,18 +172,18 @@ def _read_attn_kernel(
       td_mask = t_mask[:, None] & d_mask[None, :]
       wk = tl.load(wk_ptr + w_idx, mask=td_mask, other=0.0).to(op_ty)
       wv = tl.load(wv_ptr + w_idx, mask=td_mask, other=0.0).to(op_ty)
-      k += _mm(xt, wk, IEEE)
-      v += _mm(xt, wv, IEEE)
+      k += mm(xt, wk, IEEE)
+      v += mm(xt, wv, IEEE)
     k = (k + bk[None, :]).to(op_ty)
     v = (v + bv[None, :]).to(op_ty)
     # Online softmax over the tile (fp32), as _attn_fwd_kernel.
-    s = _mm(q, tl.trans(k), IEEE)
+    s = mm(q, tl.trans(k), IEEE)
     s = tl.where(n_mask[None, :], s * SCALE, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     p = tl.exp(s - m_new[:, None])
     alpha = tl.exp(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + _mm(p.to(op_ty), v, IEEE)
+    acc = acc * alpha[:, None] + mm(p.to(op_ty), v, IEEE)
     m_i = m_new
 
   acc = acc / l_i[:, None]

@@ -52,6 +52,7 @@ import triton
 import triton.language as tl
 
 from kernels.triton_gpu import config
+from kernels.triton_gpu.tl_helpers import mm
 
 _SQRT1_2 = tl.constexpr(0.7071067811865476)
 
@@ -105,14 +106,6 @@ def plan(n: int, t: int, m: int, width: int, heads: int, hidden: int,
 
 
 @triton.jit
-def _mm(a, b, IEEE: tl.constexpr):
-  if IEEE:
-    return tl.dot(a, b, input_precision="ieee")
-  else:
-    return tl.dot(a, b)
-
-
-@triton.jit
 def _write_block_fwd_kernel(
     x_ptr, k_ptr, v_ptr, lns_ptr, lnb_ptr, wq_ptr, bq_ptr, wo_ptr, bo_ptr,
     mlns_ptr, mlnb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, out_ptr,
@@ -152,7 +145,7 @@ def _write_block_fwd_kernel(
     col = h * DH + offs_d
     wq = tl.load(wq_ptr + offs_t[:, None] * W + col[None, :], mask=td_mask, other=0.0)
     bq = tl.load(bq_ptr + col, mask=d_mask, other=0.0).to(tl.float32)
-    q = (_mm(xn, wq.to(op_ty), IEEE) + bq[None, :]).to(op_ty)
+    q = (mm(xn, wq.to(op_ty), IEEE) + bq[None, :]).to(op_ty)
     m_i = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_N], dtype=tl.float32)
     o = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
@@ -163,18 +156,18 @@ def _write_block_fwd_kernel(
       kv_m = m_mask[:, None] & d_mask[None, :]
       k = tl.load(k_ptr + kv_idx, mask=kv_m, other=0.0).to(op_ty)
       v = tl.load(v_ptr + kv_idx, mask=kv_m, other=0.0).to(op_ty)
-      s = _mm(q, tl.trans(k), IEEE)
+      s = mm(q, tl.trans(k), IEEE)
       s = tl.where(m_mask[None, :], s * SCALE, float("-inf"))
       m_new = tl.maximum(m_i, tl.max(s, 1))
       p = tl.exp(s - m_new[:, None])
       alpha = tl.exp(m_i - m_new)
       l_i = l_i * alpha + tl.sum(p, 1)
-      o = o * alpha[:, None] + _mm(p.to(op_ty), v, IEEE)
+      o = o * alpha[:, None] + mm(p.to(op_ty), v, IEEE)
       m_i = m_new
     o = (o / l_i[:, None]).to(op_ty)
     wo = tl.load(wo_ptr + col[:, None] * T + offs_t[None, :],
                  mask=d_mask[:, None] & t_mask[None, :], other=0.0)
-    acc += _mm(o, wo.to(op_ty), IEEE)
+    acc += mm(o, wo.to(op_ty), IEEE)
 
   # 3. The MLP on LN2(y), chunked over the hidden width; y stays in acc (fp32).
   if HAS_MLP:
@@ -190,11 +183,11 @@ def _write_block_fwd_kernel(
       w1 = tl.load(w1_ptr + offs_t[:, None] * F + offs_f[None, :],
                    mask=t_mask[:, None] & f_mask[None, :], other=0.0)
       b1 = tl.load(b1_ptr + offs_f, mask=f_mask, other=0.0).to(tl.float32)
-      a = _mm(yn, w1.to(op_ty), IEEE) + b1[None, :]
+      a = mm(yn, w1.to(op_ty), IEEE) + b1[None, :]
       a = 0.5 * a * (1.0 + tl.math.erf(a * _SQRT1_2))
       w2 = tl.load(w2_ptr + offs_f[:, None] * T + offs_t[None, :],
                    mask=f_mask[:, None] & t_mask[None, :], other=0.0)
-      acc += _mm(a.to(op_ty), w2.to(op_ty), IEEE)
+      acc += mm(a.to(op_ty), w2.to(op_ty), IEEE)
     acc += tl.load(b2_ptr + offs_t, mask=t_mask, other=0.0).to(tl.float32)[None, :]
 
   # 4. One store of the tile.

@@ -24,6 +24,9 @@ def get_config() -> ml_collections.ConfigDict:
       learning_rate=2e-3, warmup_steps=100, decay_fraction=1.0,
       b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2, grad_clip=1.0, ema_decay=0.995)
   c.train = dict(
+      # PRNG of the dropout / drop-path masks (rin.train.dropout_key): "rbg" is ~20% of a
+      # CPU step cheaper than "threefry" (same distribution, another random stream).
+      dropout_rng="rbg",
       batch_size=64, num_steps=1500, seed=0, log_every=25,
       checkpoint_every=250, sample_every=500, num_sample_images=64,
       sample_steps_during_training=50, implementation="", dtype="float32",

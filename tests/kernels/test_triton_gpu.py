@@ -235,6 +235,34 @@ def test_nested_jit_helpers_are_interpreted():
       assert isinstance(getattr(ak, name), JITFunction), name
 
 
+def test_helpers_imported_from_another_module_are_interpreted_in_their_home_module():
+  """The fused block kernels import `mm` from tl_helpers.py: its interpreted clone must
+  resolve names in tl_helpers' globals, not in the importing kernel module's."""
+  from triton.runtime.interpreter import InterpretedFunction
+  from kernels.triton_gpu import read_block_kernel as rbk
+  from kernels.triton_gpu import tl_helpers
+  from kernels.triton_gpu.launch import interpreted
+  kern = next(v for k, v in vars(rbk).items() if k == "_read_attn_kernel")
+  helper = interpreted(kern).fn.__globals__["mm"]
+  assert isinstance(helper, InterpretedFunction)
+  assert helper.fn.__globals__["__name__"] == tl_helpers.__name__
+
+
+def test_interpreted_launch_leaves_triton_language_unpatched():
+  """Triton's interpreter leaks wrappers into triton.language after a launch that calls
+  stdlib helpers (tl.max / tl.sum in the softmax); they break a later triton.compile.
+  launch.py restores the originals on the way out of every interpreted launch."""
+  import triton.language as tl
+  q, k, v, _ = _attn_case(1, 5, 9, 1, 16, jnp.float32)
+  jax.block_until_ready(kernels.cross_attention(q, k, v, implementation="triton",
+                                                interpret=True))
+  leaked = [f"{getattr(o, '__name__', o)}.{n}"
+            for o in (tl, tl.core, tl.math, tl.core.tensor) for n, val in vars(o).items()
+            if getattr(val, "__name__", "") == "<lambda>"
+            and "member" in (getattr(val, "__kwdefaults__", None) or {})]
+  assert not leaked, leaked
+
+
 def test_bad_arguments_raise_clear_errors():
   q, k, v, _ = _attn_case(1, 5, 9, 1, 16, jnp.float32)
   with pytest.raises(ValueError, match="block_q"):

@@ -30,6 +30,23 @@ def test_fresh_process_gets_the_flag_and_the_switch_turns_it_off():
   assert _fresh(code, XLA_FLAGS=user) == f"False {user}"
 
 
+def test_bf16_compute_also_turns_ynn_fusions_off_so_dots_go_to_onednn():
+  code = ("import os, sys; from rin import xla_cpu; xla_cpu.enable_onednn_dots(sys.argv[1]); "
+          "print(os.environ.get('XLA_FLAGS', ''))")
+  run = lambda dtype, **env: _fresh(code.replace("sys.argv[1]", repr(dtype)), **env)
+  onednn, ynn_off = f"--{xla_cpu.ONEDNN_FLAG_NAME}=true", f"--{xla_cpu.YNN_FUSION_FLAG_NAME}="
+  assert run("bfloat16") == f"{onednn} {ynn_off}"
+  assert run("float32") == onednn                     # YNNPACK is the faster fp32 path
+  user = f"--{xla_cpu.YNN_FUSION_FLAG_NAME}=dot"
+  assert run("bfloat16", XLA_FLAGS=user) == f"{user} {onednn}"   # the user's value wins
+  # And XLA honours it: a bf16 dot compiles to a oneDNN call, not a YNN fusion.
+  code2 = ("from rin import xla_cpu; xla_cpu.enable_onednn_dots('bfloat16'); import jax, "
+           "jax.numpy as jnp; a = jnp.ones((256, 256), jnp.bfloat16); "
+           "t = jax.jit(lambda a: jax.nn.gelu(a @ a)).lower(a).compile().as_text(); "
+           "print('onednn' in t, 'ynn_fusion' in t)")
+  assert _fresh(code2) == "True False"
+
+
 def test_after_backend_start_it_warns_and_changes_nothing(monkeypatch, caplog):
   jax.devices()                      # the backend is running in this process
   monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")
