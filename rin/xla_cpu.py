@@ -8,12 +8,15 @@ Measured on this 2-core Sapphire Rapids VM, CIFAR-10 config, batch 8 (one proces
 train step float32 3.43 s -> 2.57 s, bfloat16 6.47 s -> 1.76 s; the same losses to the
 printed digits in float32 (bench/results/ has the model benchmark with and without).
 
-For 16-bit compute (`compute_dtype="bfloat16"`) it also empties
-`--xla_cpu_experimental_ynn_fusion_type`: jax 0.12's XLA:CPU hands most dots (and the
-elementwise work around them) to YNNPACK fusions, which reached only ~160 GFLOP/s on bf16
-dots here, against oneDNN's AMX kernels; with YNN fusions off every dot goes to oneDNN.
-CIFAR-10, batch 32, bf16: 5.12 -> 4.05 s per train step. Not for float32, where YNNPACK
-is the faster of the two (7.94 -> 9.57 s with it off): see README.md, Benchmarks.
+For 16-bit compute (`compute_dtype="bfloat16"`) it also sets
+`--xla_cpu_experimental_ynn_fusion_type=reduce`: jax 0.12's XLA:CPU hands most dots (and
+the elementwise work around them) to YNNPACK fusions, which reached only ~160 GFLOP/s on
+bf16 dots here, against oneDNN's AMX kernels; with YNN limited to reductions every dot
+goes to oneDNN, and reductions stay in YNNPACK (turning YNN off entirely made XLA emit
+~1000 slow reduce-window loops for the bias / LayerNorm gradients). CIFAR-10, batch 32,
+bf16, one run each on this VM: default 5.91 s per train step (11.2 CPU-s), YNN off 4.55 s
+(8.4 CPU-s), YNN reductions only 3.95 s (7.4 CPU-s). Not for float32, where YNNPACK's dots
+are the faster path (7.94 -> 9.57 s with YNN off).
 
 XLA reads XLA_FLAGS once, when the first computation creates the CPU backend, so
 `enable_onednn_dots()` must run before that; it is a no-op (with a warning) afterwards.
@@ -50,7 +53,7 @@ def enable_onednn_dots(compute_dtype: str | None = None) -> bool:
   """Add the oneDNN dot flag to XLA_FLAGS unless disabled; returns whether it is on.
 
   compute_dtype: the model's compute dtype when known (config.train.dtype); for bfloat16 /
-  float16 YNN fusions are turned off too, so that every dot goes to oneDNN.
+  float16 YNN fusions are limited to reductions too, so that every dot goes to oneDNN.
   """
   if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
     return onednn_dots_requested()
@@ -64,6 +67,6 @@ def enable_onednn_dots(compute_dtype: str | None = None) -> bool:
   flags = f"{flags} --{ONEDNN_FLAG_NAME}=true"
   if compute_dtype is not None and str(compute_dtype) in LOW_PRECISION \
       and YNN_FUSION_FLAG_NAME not in flags:
-    flags += f" --{YNN_FUSION_FLAG_NAME}="
+    flags += f" --{YNN_FUSION_FLAG_NAME}=reduce"
   os.environ["XLA_FLAGS"] = flags.strip()
   return True

@@ -30,12 +30,12 @@ def test_fresh_process_gets_the_flag_and_the_switch_turns_it_off():
   assert _fresh(code, XLA_FLAGS=user) == f"False {user}"
 
 
-def test_bf16_compute_also_turns_ynn_fusions_off_so_dots_go_to_onednn():
+def test_bf16_compute_limits_ynn_fusions_to_reductions_so_dots_go_to_onednn():
   code = ("import os, sys; from rin import xla_cpu; xla_cpu.enable_onednn_dots(sys.argv[1]); "
           "print(os.environ.get('XLA_FLAGS', ''))")
   run = lambda dtype, **env: _fresh(code.replace("sys.argv[1]", repr(dtype)), **env)
-  onednn, ynn_off = f"--{xla_cpu.ONEDNN_FLAG_NAME}=true", f"--{xla_cpu.YNN_FUSION_FLAG_NAME}="
-  assert run("bfloat16") == f"{onednn} {ynn_off}"
+  onednn, ynn_reduce = f"--{xla_cpu.ONEDNN_FLAG_NAME}=true", f"--{xla_cpu.YNN_FUSION_FLAG_NAME}=reduce"
+  assert run("bfloat16") == f"{onednn} {ynn_reduce}"
   assert run("float32") == onednn                     # YNNPACK is the faster fp32 path
   user = f"--{xla_cpu.YNN_FUSION_FLAG_NAME}=dot"
   assert run("bfloat16", XLA_FLAGS=user) == f"{user} {onednn}"   # the user's value wins
