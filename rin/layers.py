@@ -32,6 +32,29 @@ def Dense(features: int, name: str | None = None, dtype=None) -> nn.Dense:
                   dtype=dtype)
 
 
+class Dropout(nn.Module):
+  """Inverted dropout as nn.Dropout, drawing 16 random bits per element instead of 32.
+
+  An element survives with probability k = round((1 - rate) * 2^16) / 2^16 (within 2^-17 of
+  1 - rate) and survivors are scaled by exactly 1/k, so E[output] = input as with nn.Dropout.
+  Half the random bits: the masks of the latent MLPs were ~10% of a CPU train step.
+  """
+  rate: float
+
+  @nn.compact
+  def __call__(self, x, *, deterministic: bool = True):
+    if deterministic or self.rate == 0.0:
+      return x
+    if not 0.0 <= self.rate < 1.0:
+      raise ValueError(f"dropout rate must lie in [0, 1), got {self.rate}")
+    threshold = int(round((1.0 - self.rate) * 65536))
+    n = x.size
+    words = jax.random.bits(self.make_rng("dropout"), ((n + 1) // 2,), jnp.uint32)
+    bits = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(-1)[:n].reshape(x.shape)
+    keep = bits.astype(jnp.uint32) < threshold
+    return jnp.where(keep, x * (65536.0 / threshold), 0.0).astype(x.dtype)
+
+
 class MLP(nn.Module):
   """Dense(ratio*d) -> exact GELU -> dropout -> Dense(d)."""
   ratio: float
@@ -43,7 +66,7 @@ class MLP(nn.Module):
     d = x.shape[-1]
     h = Dense(int(round(self.ratio * d)), dtype=self.dtype)(x)
     h = nn.gelu(h, approximate=False)
-    h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
+    h = Dropout(self.dropout)(h, deterministic=deterministic)
     return Dense(d, dtype=self.dtype)(h)
 
 

@@ -170,3 +170,29 @@ def test_patch_stem_is_the_strided_conv_it_replaces():
   jax.tree.map(np.testing.assert_array_equal, p_stem, p_conv)
   params = jax.tree.map(lambda a: a + 0.1, p_stem)       # a non-zero bias too
   np.testing.assert_allclose(stem.apply(params, x), conv.apply(params, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(4, 7, 33), (3, 1000)])   # odd and even element counts
+def test_dropout_keeps_the_right_fraction_and_the_mean(shape):
+  """layers.Dropout (16-bit mask draws): keep rate = 1 - rate (to 2^-17), survivors scaled so
+  the mean is preserved, identity when deterministic, a clear error for rate >= 1."""
+  x = jnp.ones(shape, jnp.float32)
+  rate = 0.1
+  drop = layers.Dropout(rate)
+  y = drop.apply({}, x, deterministic=False, rngs={"dropout": jax.random.PRNGKey(0)})
+  kept = np.asarray(y) != 0
+  k = round(0.9 * 65536) / 65536
+  np.testing.assert_allclose(np.asarray(y)[kept], 1.0 / k, rtol=1e-6)
+  n = x.size
+  assert abs(kept.mean() - k) < 4 * np.sqrt(k * (1 - k) / n)        # 4 sigma
+  big = jnp.ones((256, 1024))
+  yb = drop.apply({}, big, deterministic=False, rngs={"dropout": jax.random.PRNGKey(1)})
+  assert abs(float(yb.mean()) - 1.0) < 4 * np.sqrt((1 - k) / k / big.size)
+  # Different keys, different masks; the same key, the same mask.
+  y2 = drop.apply({}, x, deterministic=False, rngs={"dropout": jax.random.PRNGKey(7)})
+  assert not np.array_equal(np.asarray(y), np.asarray(y2))
+  np.testing.assert_array_equal(
+      y, drop.apply({}, x, deterministic=False, rngs={"dropout": jax.random.PRNGKey(0)}))
+  np.testing.assert_array_equal(drop.apply({}, x, deterministic=True), x)
+  with pytest.raises(ValueError, match="dropout rate must lie in"):
+    layers.Dropout(1.0).apply({}, x, deterministic=False, rngs={"dropout": jax.random.PRNGKey(0)})
