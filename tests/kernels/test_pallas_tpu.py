@@ -22,10 +22,7 @@ from kernels.params import ReadBlockParams, WriteBlockParams
 from tests.kernels import op_cases as oc
 
 
-@pytest.fixture(autouse=True)
-def _x64():
-  with jax.enable_x64(True):   # for the float64 oracle only; kernels get fp32/bf16
-    yield
+pytestmark = pytest.mark.usefixtures("float64_oracle")   # tests/kernels/conftest.py
 
 
 def _attn(interpret=True, block_sizes=None):

@@ -17,18 +17,11 @@ import kernels
 from kernels import reference
 from kernels import triton_gpu
 from kernels.params import ReadBlockParams, WriteBlockParams
+from tests.kernels import op_cases as oc
 
 
 
-@pytest.fixture(autouse=True)
-def _float64_oracle():
-  """float64 for the reference, scoped to this module's tests (no leak into others)."""
-  prev = jax.config.jax_enable_x64
-  jax.config.update("jax_enable_x64", True)
-  yield
-  jax.config.update("jax_enable_x64", prev)
-
-TOL = {jnp.float32: 5e-5, jnp.float16: 2e-2}
+pytestmark = pytest.mark.usefixtures("float64_oracle")   # tests/kernels/conftest.py
 
 
 def _f64(t):
@@ -63,7 +56,7 @@ def _check_attention(b, lq, lk, h, dh, dtype, block_sizes=None):
   o, vjp = jax.vjp(f, q, k, v)
   assert o.dtype == dtype
   o_ref, vjp_ref = jax.vjp(reference.cross_attention, *_f64((q, k, v)))
-  tol = TOL[dtype]
+  tol = oc.triton_tolerance(dtype)
   _close(o, o_ref, tol, "forward")
   _close(vjp(do), vjp_ref(_f64(do)), 4 * tol, "dq, dk, dv")
 
@@ -134,7 +127,7 @@ def _check_block(direction, b, lq, lk, cq, ckv, width, heads, mlp, dtype):
   ref = reference.write_block if write else reference.read_block
   out = op(xq, xkv, p, num_heads=heads, implementation="triton", interpret=True)
   assert out.dtype == dtype and out.shape == xq.shape
-  _close(out, ref(*_f64((xq, xkv, p)), num_heads=heads), TOL[dtype], "forward")
+  _close(out, ref(*_f64((xq, xkv, p)), num_heads=heads), oc.triton_tolerance(dtype), "forward")
   # Gradient of a non-linear scalar loss w.r.t. inputs and every parameter.
   cot = jax.random.normal(jax.random.key(4), xq.shape, jnp.float64)
   loss = lambda a, c, pp: jnp.sum(op(a, c, pp, num_heads=heads, implementation="triton",
@@ -142,7 +135,7 @@ def _check_block(direction, b, lq, lk, cq, ckv, width, heads, mlp, dtype):
   loss_ref = lambda a, c, pp: jnp.sum(ref(a, c, pp, num_heads=heads) * cot)
   g = jax.grad(loss, argnums=(0, 1, 2))(xq, xkv, p)
   g_ref = jax.grad(loss_ref, argnums=(0, 1, 2))(*_f64((xq, xkv, p)))
-  _close(g, g_ref, 4 * TOL[dtype] * np.sqrt(max(lq, lk) / 16), "gradients")
+  _close(g, g_ref, 4 * oc.triton_tolerance(dtype) * np.sqrt(max(lq, lk) / 16), "gradients")
 
 
 # (batch, q-side tokens, kv-side tokens, q-side width, kv-side width, attention width, heads, mlp)

@@ -32,14 +32,9 @@ from kernels.triton_gpu.launch import record_launches
 from tests.kernels import op_cases as oc
 
 KERNEL = "_read_attn_kernel"
-# max|got - want| <= tol * scale (scale as in op_cases.assert_close); gradients get 4x.
-TOL = {jnp.dtype(jnp.float32): 5e-5, jnp.dtype(jnp.float16): 2e-2}
 
 
-@pytest.fixture(autouse=True)
-def _x64():
-  with jax.enable_x64(True):   # for the float64 oracle only; kernels get fp32/fp16
-    yield
+pytestmark = pytest.mark.usefixtures("float64_oracle")   # tests/kernels/conftest.py
 
 
 def _fn(heads, fused=True, **overrides):
@@ -66,7 +61,7 @@ def check(shape, dtype, seed=0, **overrides):
   want_out, want_grads = oc.oracle("read", args, ct, num_heads=heads)
   for o in (fused_out, out):
     assert o.dtype == jnp.dtype(dtype) and o.shape == args[0].shape
-  tol = TOL[jnp.dtype(dtype)]
+  tol = oc.triton_tolerance(dtype)
   what = f"read{shape} {jnp.dtype(dtype).name}: "
   oc.assert_close(fused_out, want_out, tol=tol, what=what + "fused forward")
   oc.assert_close(out, want_out, tol=tol, what=what + "forward under grad")
@@ -176,7 +171,7 @@ def test_vmap_folds_into_the_kernel_grid():
   got = jax.vmap(_fn(2), in_axes=(0, 0, None))(z, x, p)
   want = jax.vmap(lambda a, b, q: oc.reference.read_block(a, b, q, num_heads=2),
                   in_axes=(0, 0, None))(*oc.to64((z, x, p)))
-  oc.assert_close(got, want, tol=TOL[jnp.dtype(jnp.float32)], what="vmap: ")
+  oc.assert_close(got, want, tol=oc.triton_tolerance(jnp.float32), what="vmap: ")
 
 
 # ----------------------------------------------------------------------------

@@ -28,14 +28,9 @@ from kernels.triton_gpu.launch import record_launches
 from tests.kernels import op_cases as oc
 
 KERNEL = "_write_block_fwd_kernel"
-# max|got - want| <= tol * scale (scale as in op_cases.assert_close); gradients get 4x.
-TOL = {jnp.dtype(jnp.float32): 5e-5, jnp.dtype(jnp.float16): 2e-2}
 
 
-@pytest.fixture(autouse=True)
-def _x64():
-  with jax.enable_x64(True):   # for the float64 oracle only; kernels get fp32/fp16
-    yield
+pytestmark = pytest.mark.usefixtures("float64_oracle")   # tests/kernels/conftest.py
 
 
 def _fn(heads, fused=True):
@@ -51,7 +46,7 @@ def check(shape, dtype, seed=0):
   out, grads = oc.value_and_grads(_fn(heads), args, ct)
   want_out, want_grads = oc.oracle("write", args, ct, num_heads=heads)
   assert out.dtype == jnp.dtype(dtype) and out.shape == args[0].shape
-  tol = TOL[jnp.dtype(dtype)]
+  tol = oc.triton_tolerance(dtype)
   what = f"write{shape} {jnp.dtype(dtype).name}: "
   oc.assert_close(out, want_out, tol=tol, what=what + "forward")
   oc.assert_close(grads, want_grads, tol=4 * tol, what=what + "grad")
@@ -189,4 +184,4 @@ def test_vmap_folds_into_the_kernel_grid():
   got = jax.vmap(_fn(2), in_axes=(0, 0, None))(x, z, p)
   want = jax.vmap(lambda a, b, q: oc.reference.write_block(a, b, q, num_heads=2),
                   in_axes=(0, 0, None))(*oc.to64((x, z, p)))
-  oc.assert_close(got, want, tol=TOL[jnp.dtype(jnp.float32)], what="vmap: ")
+  oc.assert_close(got, want, tol=oc.triton_tolerance(jnp.float32), what="vmap: ")
