@@ -92,19 +92,26 @@ def init_state(config: ConfigDict, model: RIN, rng) -> TrainState:
 DROPOUT_RNG_IMPLS = ("threefry", "rbg", "unsafe_rbg")
 
 
-def dropout_key(rng, impl: str = "threefry"):
-  """The key dropout and drop-path draw their masks from, as a `impl` PRNG key.
-
-  "rbg"/"unsafe_rbg" generate the mask bits with XLA's RngBitGenerator instead of
-  threefry hashing, which on CPU took ~20% of a CIFAR-10 bf16 train step (bench/README:
-  7.27 -> 5.89 s at batch 32). The key is derived from `rng` (deterministic, so resumed
-  runs repeat the same masks); only the masks' random stream differs between impls, not
-  their distribution. "rbg" keeps threefry for splitting/folding (flax folds a per-layer
-  path into the key), "unsafe_rbg" uses the bit generator for that too.
-  """
+def dropout_rng_impl(config: ConfigDict) -> str:
+  """config.train.dropout_rng (default "threefry" for configs that predate it), checked."""
+  impl = config.train.get("dropout_rng", "threefry")
   if impl not in DROPOUT_RNG_IMPLS:
     raise ValueError(f"config.train.dropout_rng must be one of {DROPOUT_RNG_IMPLS}, got "
                      f"{impl!r}")
+  return impl
+
+
+def dropout_key(rng, impl: str = "threefry"):
+  """The key dropout and drop-path draw their masks from, as an `impl` PRNG key (one of
+  DROPOUT_RNG_IMPLS).
+
+  "rbg"/"unsafe_rbg" generate the mask bits with XLA's RngBitGenerator instead of
+  threefry hashing, which on CPU took ~20% of a CIFAR-10 train step (README, "Scaling and
+  fault tolerance": bf16 6.69 -> 5.08 s at batch 32). The key is derived from `rng`
+  (deterministic, so resumed runs repeat the same masks); only the masks' random stream
+  differs between impls, not their distribution. "rbg" keeps threefry for splitting/folding
+  (flax folds a per-layer path into the key), "unsafe_rbg" uses the bit generator for that too.
+  """
   if impl == "threefry":
     return rng
   return jax.random.wrap_key_data(jax.random.bits(rng, (4,), jnp.uint32), impl=impl)
@@ -142,7 +149,7 @@ def loss_and_metrics(params, model: RIN, config: ConfigDict, batch, rng, *, mesh
   sharded run draws the same numbers as an unsharded one.
   """
   d = config.diffusion
-  apply = make_apply(model, mesh, dropout_rng=config.train.get("dropout_rng", "threefry"))
+  apply = make_apply(model, mesh, dropout_rng=dropout_rng_impl(config))
   x0, labels = batch["image"], batch["label"]
   b = x0.shape[0]
   r_t, r_eps, r_keep, r_drop1, r_drop2 = jax.random.split(rng, 5)
@@ -167,7 +174,7 @@ def make_train_step(model: RIN, config: ConfigDict, *, mesh=None):
 
   mesh: run the model apply per device under shard_map (see make_apply).
   """
-  dropout_key(jax.random.PRNGKey(0), config.train.get("dropout_rng", "threefry"))  # checks it
+  dropout_rng_impl(config)     # a bad name fails here, before tracing
   tx = make_optimizer(config.optim, config.train.num_steps)
   ema_decay = config.optim.ema_decay
   skip_nonfinite = config.train.get("nonfinite", "stop") == "skip"
