@@ -20,6 +20,9 @@ def get_config() -> ml_collections.ConfigDict:
       # PRNG of the dropout / drop-path masks (rin.train.dropout_key): "rbg" is ~20% of a
       # CPU step cheaper than "threefry" (same distribution, another random stream).
       dropout_rng="rbg",
+      # Independent batch chunks per step (rin.train.batch_chunks): 0 = auto, 2 on a single
+      # CPU device (fills both cores of a small CPU), 1 on accelerators.
+      batch_chunks=0,
       batch_size=1024, num_steps=150_000, seed=0, log_every=100,
       checkpoint_every=5_000, sample_every=10_000, num_sample_images=64,
       sample_steps_during_training=100, implementation="", dtype="float32",

@@ -174,14 +174,15 @@ def test_patch_stem_is_the_strided_conv_it_replaces():
 
 @pytest.mark.parametrize("shape", [(4, 7, 33), (3, 1000)])   # odd and even element counts
 def test_dropout_keeps_the_right_fraction_and_the_mean(shape):
-  """layers.Dropout (16-bit mask draws): keep rate = 1 - rate (to 2^-17), survivors scaled so
-  the mean is preserved, identity when deterministic, a clear error for rate >= 1."""
+  """layers.Dropout (hashed masks): keep rate = 1 - rate (to 2^-33), survivors scaled so the
+  mean is preserved (also for bf16 inputs), identity when deterministic, a clear error for
+  rate >= 1."""
   x = jnp.ones(shape, jnp.float32)
   rate = 0.1
   drop = layers.Dropout(rate)
   y = drop.apply({}, x, deterministic=False, rngs={"dropout": jax.random.PRNGKey(0)})
   kept = np.asarray(y) != 0
-  k = round(0.9 * 65536) / 65536
+  k = round(0.9 * 2 ** 32) / 2 ** 32
   np.testing.assert_allclose(np.asarray(y)[kept], 1.0 / k, rtol=1e-6)
   n = x.size
   assert abs(kept.mean() - k) < 4 * np.sqrt(k * (1 - k) / n)        # 4 sigma
@@ -196,3 +197,37 @@ def test_dropout_keeps_the_right_fraction_and_the_mean(shape):
   np.testing.assert_array_equal(drop.apply({}, x, deterministic=True), x)
   with pytest.raises(ValueError, match="dropout rate must lie in"):
     layers.Dropout(1.0).apply({}, x, deterministic=False, rngs={"dropout": jax.random.PRNGKey(0)})
+  # bf16 activations: the 1/k scale is applied in float32 (a bf16 1/0.9 is 1.109375).
+  yh = drop.apply({}, x.astype(jnp.bfloat16), deterministic=False,
+                  rngs={"dropout": jax.random.PRNGKey(0)})
+  assert yh.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(yh, np.float32) != 0, kept)
+  np.testing.assert_array_equal(np.asarray(yh, np.float32)[kept],
+                                np.float32(jnp.bfloat16(1.0 / k)))
+
+
+def test_counter_hash_bits_look_independent():
+  """The dropout mask hash: uniform bits, no correlation between neighbouring elements (along
+  either axis) or between two seeds, each checked at 5 sigma on 2^20 draws; seeds differing in
+  one bit give unrelated streams; more than 2^32 elements is a clear error."""
+  shape = (1024, 1024)
+  n = shape[0] * shape[1]
+  bits = np.asarray(layers.counter_hash_bits(jnp.array([1, 2], jnp.uint32), shape), np.uint64)
+  u = bits.astype(np.float64) / 2 ** 32 - 0.5              # uniform on [-1/2, 1/2): var 1/12
+  five_sigma = 5 * np.sqrt(1 / 12 / n)
+  assert abs(u.mean()) < five_sigma
+  per_bit = np.stack([(bits >> b) & 1 for b in range(32)]).reshape(32, -1).mean(axis=1)
+  assert np.all(np.abs(per_bit - 0.5) < 5 * 0.5 / np.sqrt(n)), per_bit
+  corr_limit = 5 / np.sqrt(n)                               # correlation of independent draws
+  for a, b in [(u[:, 1:], u[:, :-1]), (u[1:], u[:-1])]:
+    assert abs(np.corrcoef(a.ravel(), b.ravel())[0, 1]) < corr_limit
+  for other_seed in ([1, 3], [0, 2], [2, 2]):               # one bit away, and another
+    v = np.asarray(layers.counter_hash_bits(jnp.array(other_seed, jnp.uint32), shape),
+                   np.float64) / 2 ** 32 - 0.5
+    assert abs(np.corrcoef(u.ravel(), v.ravel())[0, 1]) < corr_limit
+    assert np.mean(bits.astype(np.uint32) == (v + 0.5) * 2 ** 32) < 1e-4
+  # Keep indicators at rate 0.1: neighbours kept together with probability k^2.
+  keep = u < 0.4
+  assert abs((keep[:, 1:] & keep[:, :-1]).mean() - 0.9 ** 2) < 5 * np.sqrt(0.81 * 0.19 / n)
+  with pytest.raises(ValueError, match="at most 2\\^32 - 1 elements"):
+    layers.counter_hash_bits(jnp.array([1, 2], jnp.uint32), (2 ** 16, 2 ** 16))
