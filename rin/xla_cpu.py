@@ -11,9 +11,12 @@ printed digits in float32 (bench/results/ has the model benchmark with and witho
 For 16-bit compute (`compute_dtype="bfloat16"`) it also sets
 `--xla_cpu_experimental_ynn_fusion_type=reduce`: jax 0.12's XLA:CPU hands most dots (and
 the elementwise work around them) to YNNPACK fusions, which reached only ~160 GFLOP/s on
-bf16 dots here, against oneDNN's AMX kernels; with YNN limited to reductions every dot
-goes to oneDNN, and reductions stay in YNNPACK (turning YNN off entirely made XLA emit
-~1000 slow reduce-window loops for the bias / LayerNorm gradients). CIFAR-10, batch 32,
+bf16 dots here, against oneDNN's AMX kernels; with YNN limited to reductions most dots go
+to oneDNN, and reductions stay in YNNPACK (turning YNN off entirely made XLA emit ~1000
+slow reduce-window loops for the bias / LayerNorm gradients). A YNN reduce fusion still
+takes the dot next to a LayerNorm or softmax reduction (60 fusions, ~1.2 s of the step's
+summed op time); fencing those dots off with optimization barriers moved the time to oneDNN
+with no net gain, so they stay. CIFAR-10, batch 32,
 bf16, one run each on this VM: default 5.91 s per train step (11.2 CPU-s), YNN off 4.55 s
 (8.4 CPU-s), YNN reductions only 3.95 s (7.4 CPU-s). Not for float32, where YNNPACK's dots
 are the faster path (7.94 -> 9.57 s with YNN off).
