@@ -129,12 +129,12 @@ def batch_chunks(config: ConfigDict, mesh=None) -> int:
   examples); only the dropout masks differ, each chunk folding its index into the key.
   """
   chunks = config.train.get("batch_chunks", 1)
-  if chunks == 0 and not isinstance(chunks, bool):
-    single = mesh is None or mesh.size == 1
-    return 2 if single and jax.default_backend() == "cpu" else 1
-  if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
+  if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 0:
     raise ValueError(f"config.train.batch_chunks must be an int >= 1, or 0 for auto; got "
                      f"{chunks!r}")
+  if chunks == 0:
+    single = mesh is None or mesh.size == 1
+    return 2 if single and jax.default_backend() == "cpu" else 1
   return chunks
 
 
