@@ -2,6 +2,7 @@
 
     python -m bench.model --config cifar10 --batch 32 [--implementations xla,triton]
                           [--rin-pytorch] [--steps N] [--sample-steps N] [--out DIR]
+                          [--no-interleave]
 
 For each implementation: train-step images/s (the full step of rin/train.py: the
 self-conditioning pass, the loss pass, backward, LAMB, EMA), sampling-step images/s
@@ -11,15 +12,22 @@ the process peak RSS), and MFU = (compiled FLOPs per step / step time) / matmul 
 measured in the same run. With --rin-pytorch (and the package installed) the same is
 measured for lucidrains' rin-pytorch at a matching configuration (differences listed
 in the output).
+
+Every candidate is compiled and warmed up first; then the timed steps run round-robin
+(ours, rin-pytorch, ours, ...), because this shared 2-core VM has slow spells of tens of
+seconds (identical runs a minute apart: 2.8 vs 4.0 s per step) that would otherwise land
+on one candidate only. The ratios then include the median of the per-round ratios.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import os
 import resource
 import sys
 import time
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -99,9 +107,22 @@ def _batches(config, batch: int, n: int):
   return out
 
 
-def bench_jax(config, impl: str, batch: int, steps: int, sample_steps: int,
-              ceiling: dict, *, interpret: bool = False) -> dict:
-  """Train and sampling step of rin/train.py's model for one implementation."""
+@dataclasses.dataclass
+class Candidate:
+  """One model set up and warmed up for timing.
+
+  row: its result row (filled further by `time_candidates`).
+  train_step(i): runs train step i on batch i % 2 and waits for it.
+  sample_step(): runs one sampling step and waits for it.
+  """
+  row: dict
+  train_step: Callable[[int], Any]
+  sample_step: Callable[[], Any]
+  finish: Callable[[], None] = lambda: None
+
+
+def prepare_jax(config, impl: str, batch: int, *, interpret: bool = False) -> Candidate:
+  """Compiles (timed) and warms up rin/train.py's step and a sampling step for `impl`."""
   from rin import train as rt
   row = {"framework": "jax", "implementation": impl, "batch": batch,
          "compute_dtype": config.train.get("dtype") or "float32",
@@ -119,56 +140,84 @@ def bench_jax(config, impl: str, batch: int, steps: int, sample_steps: int,
   row["train_compile_s"] = time.perf_counter() - t0
   row["train_flops_per_step"] = _flops(lowered)
   row["train_memory_analysis"] = _memory_analysis(compiled)
-  times = []
-  for i in range(steps + 1):            # the first call is a warm-up
-    t0 = time.perf_counter()
-    state, metrics = compiled(state, batches[i % len(batches)])
-    jax.block_until_ready((state, metrics))
-    if i:
-      times.append(time.perf_counter() - t0)
-  tt = timing.summarize(times)
-  row["train_loss_finite"] = bool(np.isfinite(float(metrics["loss"])))
-  row["train_step"] = tt.as_dict()
-  row["train_images_per_s"] = batch / tt.median
-  row["train_load"] = timing.load_average()
-  if row["train_flops_per_step"]:
-    row["train_tflops"] = row["train_flops_per_step"] / tt.median / 1e12
-    row["train_mfu_pct"] = 100 * row["train_flops_per_step"] / tt.median / ceiling[
-        "matmul_flops_per_s"]
+  live = {"state": state, "metrics": None}
+
+  def train_step(i):
+    live["state"], live["metrics"] = compiled(live["state"], batches[i % len(batches)])
+    return jax.block_until_ready((live["state"], live["metrics"]))
+  train_step(0)                          # warm-up, not timed
 
   # One sampling step: a denoiser call with carried latents (eval mode, EMA weights).
   m = config.model
   lab = batches[0]["label"] if m.num_classes > 0 else None
 
   @jax.jit
-  def sample_step(params, x_t, gamma, z):
+  def sample_fn(params, x_t, gamma, z):
     out, z = model.apply({"params": params}, x_t, gamma, lab, z, train=False)
     return out, z
   x_t = jax.random.normal(jax.random.PRNGKey(7), batches[0]["image"].shape)
   gamma = jnp.full((batch,), 0.5)
-  z = jnp.zeros((batch, m.num_latents, m.latent_dim), jnp.float32)
+  live["z"] = jnp.zeros((batch, m.num_latents, m.latent_dim), jnp.float32)
   t0 = time.perf_counter()
-  sample_lowered = sample_step.lower(state.ema_params, x_t, gamma, z)
+  sample_lowered = sample_fn.lower(live["state"].ema_params, x_t, gamma, live["z"])
   sc = sample_lowered.compile()
   row["sample_compile_s"] = time.perf_counter() - t0
   row["sample_flops_per_step"] = _flops(sample_lowered)
-  times = []
-  for i in range(sample_steps + 1):
-    t0 = time.perf_counter()
-    _, z = sc(state.ema_params, x_t, gamma, z)
-    jax.block_until_ready(z)
-    if i:
-      times.append(time.perf_counter() - t0)
-  ts = timing.summarize(times)
-  row["sample_step"] = ts.as_dict()
-  row["sample_images_per_s"] = batch / ts.median
-  if row["sample_flops_per_step"]:
-    row["sample_mfu_pct"] = 100 * row["sample_flops_per_step"] / ts.median / ceiling[
-        "matmul_flops_per_s"]
-  row["device_peak_bytes"] = _device_peak_bytes()
-  row["process_peak_rss_bytes"] = _peak_rss_bytes()
-  row["load_after"] = timing.load_average()
-  return row
+
+  def sample_step():
+    _, live["z"] = sc(live["state"].ema_params, x_t, gamma, live["z"])
+    return jax.block_until_ready(live["z"])
+  sample_step()                          # warm-up, not timed
+
+  def finish():
+    row["train_loss_finite"] = bool(np.isfinite(float(live["metrics"]["loss"])))
+    row["device_peak_bytes"] = _device_peak_bytes()
+    row["process_peak_rss_bytes"] = _peak_rss_bytes()
+  return Candidate(row, train_step, sample_step, finish)
+
+
+def time_candidates(cands: list[Candidate], steps: int, sample_steps: int, ceiling: dict, *,
+                    interleave: bool = True) -> None:
+  """Times `steps` train steps and `sample_steps` sampling steps of every candidate.
+
+  interleave: round-robin (A B A B ...) instead of all of A then all of B, so that a slow
+  spell of this shared machine hits every candidate alike; each row then also gets its
+  per-round times, from which `_comparisons` takes paired ratios.
+  """
+  def run(kind, n, call):
+    times = [[] for _ in cands]
+    order = ([(i, c) for i in range(n) for c in range(len(cands))] if interleave else
+             [(i, c) for c in range(len(cands)) for i in range(n)])
+    for i, c in order:
+      t0 = time.perf_counter()
+      call(cands[c], i + 1)
+      times[c].append(time.perf_counter() - t0)
+    for cand, t in zip(cands, times):
+      tt = timing.summarize(t)
+      r = cand.row
+      r[f"{kind}_step"] = tt.as_dict()
+      r[f"{kind}_step_times_s"] = t
+      r[f"{kind}_images_per_s"] = r["batch"] / tt.median
+      r[f"{kind}_load"] = timing.load_average()
+      if r.get(f"{kind}_flops_per_step"):
+        r[f"{kind}_tflops"] = r[f"{kind}_flops_per_step"] / tt.median / 1e12
+        r[f"{kind}_mfu_pct"] = 100 * r[f"{kind}_flops_per_step"] / tt.median / ceiling[
+            "matmul_flops_per_s"]
+
+  run("train", steps, lambda c, i: c.train_step(i))
+  run("sample", sample_steps, lambda c, i: c.sample_step())
+  for c in cands:
+    c.row["timing_order"] = "interleaved" if interleave and len(cands) > 1 else "sequential"
+    c.finish()
+    c.row["load_after"] = timing.load_average()
+
+
+def bench_jax(config, impl: str, batch: int, steps: int, sample_steps: int,
+              ceiling: dict, *, interpret: bool = False) -> dict:
+  """Train and sampling step of rin/train.py's model for one implementation."""
+  cand = prepare_jax(config, impl, batch, interpret=interpret)
+  time_candidates([cand], steps, sample_steps, ceiling)
+  return cand.row
 
 
 # ----------------------------------------------------------------------------
@@ -224,9 +273,10 @@ def build_rin_pytorch(config):
   return net, diff
 
 
-def bench_rin_pytorch(config, batch: int, steps: int, sample_steps: int,
-                      ceiling: dict, compute_dtype: str = "float32") -> dict:
-  """compute_dtype bfloat16/float16: torch.autocast around the forward passes, the
+def prepare_rin_pytorch(config, batch: int, compute_dtype: str = "float32") -> Candidate:
+  """rin-pytorch at the matching config (see RIN_PYTORCH_DIFFERENCES), warmed up.
+
+  compute_dtype bfloat16/float16: torch.autocast around the forward passes, the
   matching precision for our config.train.dtype (weights and Adam stay float32)."""
   import contextlib
 
@@ -251,16 +301,17 @@ def bench_rin_pytorch(config, batch: int, steps: int, sample_steps: int,
   opt = torch.optim.Adam(net.parameters(), lr=1e-4)
   m = config.model
   imgs = [torch.rand(batch, m.channels, m.image_size, m.image_size, device=dev) for _ in range(2)]
-  sync = (lambda _: torch.cuda.synchronize()) if dev == "cuda" else (lambda _: None)
+  sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
   if dev == "cuda":
     torch.cuda.reset_peak_memory_stats()
 
-  def train_step(x):
+  def train_step(i):
     with autocast():
-      loss = diff(x)
+      loss = diff(imgs[i % len(imgs)])
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
+    sync()
     return loss
 
   # FLOPs of one train step, counted by torch's profiler (outside the timed calls).
@@ -269,44 +320,44 @@ def bench_rin_pytorch(config, batch: int, steps: int, sample_steps: int,
     acts = [torch.profiler.ProfilerActivity.CPU] + (
         [torch.profiler.ProfilerActivity.CUDA] if dev == "cuda" else [])
     with torch.profiler.profile(activities=acts, with_flops=True) as prof:
-      sync(train_step(imgs[0]))
+      train_step(0)
     flops = sum(float(e.flops or 0) for e in prof.events())
     if flops > 0:
       row["train_flops_per_step"] = flops
   except Exception as e:  # noqa: BLE001
     row["train_flops_note"] = f"flop count failed: {type(e).__name__}"
   t0 = time.perf_counter()
-  sync(train_step(imgs[0]))
+  train_step(0)
   row["train_first_step_s"] = time.perf_counter() - t0
-  tt = timing.time_calls(train_step, [(x,) for x in imgs], warmup=0, repeats=steps, sync=sync)
-  row["train_step"] = tt.as_dict()
-  row["train_images_per_s"] = batch / tt.median
-  row["train_load"] = timing.load_average()
-  if row.get("train_flops_per_step"):
-    row["train_tflops"] = row["train_flops_per_step"] / tt.median / 1e12
-    row["train_mfu_pct"] = 100 * row["train_flops_per_step"] / tt.median / ceiling[
-        "matmul_flops_per_s"]
 
-  net.eval()
   x_t = torch.randn(batch, m.channels, m.image_size, m.image_size, device=dev)
   times_ = torch.full((batch,), 0.5, device=dev)
-  state = {"lat": None, "x": None}
+  carried = {"lat": None, "x": None}
 
   @torch.no_grad()
   def sample_step():
+    net.eval()                       # eval for this call only: train steps interleave
     with autocast():
-      out, lat = net(x_t, times_, state["x"], state["lat"], return_latents=True)
-    state["lat"], state["x"] = lat.float(), out.float().clamp(-1, 1)
+      out, lat = net(x_t, times_, carried["x"], carried["lat"], return_latents=True)
+    carried["lat"], carried["x"] = lat.float(), out.float().clamp(-1, 1)
+    sync()
+    net.train()
     return out
-  ts = timing.time_calls(sample_step, [()], warmup=1, repeats=sample_steps, sync=sync)
-  row["sample_step"] = ts.as_dict()
-  row["sample_images_per_s"] = batch / ts.median
-  if dev == "cuda":
-    row["device_peak_bytes"] = int(torch.cuda.max_memory_allocated())
-  row["process_peak_rss_bytes"] = _peak_rss_bytes()
-  row["differences"] = RIN_PYTORCH_DIFFERENCES
-  row["load_after"] = timing.load_average()
-  return row
+  sample_step()                      # warm-up, not timed
+
+  def finish():
+    if dev == "cuda":
+      row["device_peak_bytes"] = int(torch.cuda.max_memory_allocated())
+    row["process_peak_rss_bytes"] = _peak_rss_bytes()
+    row["differences"] = RIN_PYTORCH_DIFFERENCES
+  return Candidate(row, train_step, sample_step, finish)
+
+
+def bench_rin_pytorch(config, batch: int, steps: int, sample_steps: int,
+                      ceiling: dict, compute_dtype: str = "float32") -> dict:
+  cand = prepare_rin_pytorch(config, batch, compute_dtype)
+  time_candidates([cand], steps, sample_steps, ceiling)
+  return cand.row
 
 
 # ----------------------------------------------------------------------------
@@ -366,6 +417,9 @@ def main(argv=None) -> dict:
   ap.add_argument("--sample-steps", type=int, default=None, help="timed sampling steps")
   ap.add_argument("--dtype", default=None, help="compute dtype (config.train.dtype)")
   ap.add_argument("--out", default=None)
+  ap.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=True,
+                  help="time the candidates round-robin (default) so that this shared "
+                       "machine's slow spells hit all alike")
   args = ap.parse_args(argv)
   config = load_config(args.config)
   if args.dtype:
@@ -385,31 +439,40 @@ def main(argv=None) -> dict:
   cdt = config.train.get("dtype") or "float32"
   ceiling = timing.measure_ceilings(cdt, repeats=5 if cpu else 10)
   print(f"  ceiling {cdt}: matmul {ceiling['matmul_flops_per_s'] / 1e12:.3f} TFLOP/s", flush=True)
-  rows = []
+  rows, cands = [], []
+
+  def failed(framework, impl, e):
+    return {"framework": framework, "implementation": impl, "batch": args.batch,
+            "status": "error",
+            "note": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
+
   for impl in impls:
     try:
-      r = bench_jax(config, impl, args.batch, steps, sample_steps, ceiling)
-      r["status"] = "ok"
+      cands.append(prepare_jax(config, impl, args.batch))
+      print(f"  {impl}: compiled in {cands[-1].row['train_compile_s']:.1f}s", flush=True)
     except Exception as e:  # noqa: BLE001
-      r = {"framework": "jax", "implementation": impl, "batch": args.batch, "status": "error",
-           "note": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
-    rows.append(r)
-    print(f"  {impl}: {_summary(r)}", flush=True)
+      rows.append(failed("jax", impl, e))
+      print(f"  {impl}: {_summary(rows[-1])}", flush=True)
   if args.rin_pytorch:
     why = rin_pytorch_available()
     if why:
       rows.append({"framework": "torch", "implementation": "rin-pytorch", "batch": args.batch,
                    "status": "unavailable", "note": why})
+      print(f"  rin-pytorch: {_summary(rows[-1])}", flush=True)
     else:
       try:
-        r = bench_rin_pytorch(config, args.batch, steps, sample_steps, ceiling, cdt)
-        r["status"] = "ok"
+        cands.append(prepare_rin_pytorch(config, args.batch, cdt))
       except Exception as e:  # noqa: BLE001
-        r = {"framework": "torch", "implementation": "rin-pytorch", "batch": args.batch,
-             "status": "error",
-             "note": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
-      rows.append(r)
-    print(f"  rin-pytorch: {_summary(rows[-1])}", flush=True)
+        rows.append(failed("torch", "rin-pytorch", e))
+        print(f"  rin-pytorch: {_summary(rows[-1])}", flush=True)
+  if cands:
+    print(f"  timing {steps} train + {sample_steps} sampling steps each, "
+          f"{'interleaved' if args.interleave else 'one after another'}", flush=True)
+    time_candidates(cands, steps, sample_steps, ceiling, interleave=args.interleave)
+  for c in cands:
+    c.row["status"] = "ok"
+    rows.append(c.row)
+    print(f"  {c.row['implementation']}: {_summary(c.row)}", flush=True)
   record = {"benchmark": "bench.model", "config": args.config, "environment": env,
             "ceilings": {cdt: ceiling}, "settings": {"batch": args.batch, "steps": steps,
                                                      "sample_steps": sample_steps,
@@ -435,6 +498,16 @@ def _summary(r: dict) -> str:
           f"{r['sample_images_per_s']:.1f} img/s, load {r.get('train_load')}")
 
 
+def _paired_ratio(r: dict, base: dict, kind: str) -> float | None:
+  """Median over interleaved rounds of base's step time / r's step time in that round."""
+  if r.get("timing_order") != "interleaved" or base.get("timing_order") != "interleaved":
+    return None
+  a, b = r.get(f"{kind}_step_times_s"), base.get(f"{kind}_step_times_s")
+  if not a or not b or len(a) != len(b):
+    return None
+  return float(np.median(np.asarray(b) / np.asarray(a)))
+
+
 def _comparisons(rows):
   ok = {r["implementation"]: r for r in rows if r.get("status") == "ok"}
   out = {}
@@ -445,6 +518,9 @@ def _comparisons(rows):
           "train_images_per_s"]
       out[f"{name}_sample_speedup_vs_rin_pytorch"] = r["sample_images_per_s"] / base[
           "sample_images_per_s"]
+      paired = _paired_ratio(r, base, "train")
+      if paired is not None:
+        out[f"{name}_train_speedup_vs_rin_pytorch_paired_median"] = paired
     if name not in ("xla", "rin-pytorch") and "xla" in ok:
       out[f"{name}_train_speedup_vs_xla"] = r["train_images_per_s"] / ok["xla"][
           "train_images_per_s"]

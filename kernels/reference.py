@@ -31,8 +31,16 @@ def layer_norm(x, scale, bias, eps: float = LN_EPS):
 
 
 def gelu(x):
-  """Exact (erf) GELU, as the authors' code uses."""
-  return jax.nn.gelu(x, approximate=False)
+  """Exact (erf) GELU, as the authors' code uses: x * Phi(x) = x/2 * (1 + erf(x/sqrt 2)).
+
+  Computed in at least float32 and returned in x's dtype. The same function as
+  ``jax.nn.gelu(x, approximate=False)``, which goes through erfc: XLA:CPU expands erfc
+  into a much longer select chain than erf (bf16 [32,128,2048] forward 12.3 -> 4.4 ms
+  in a one-off microbenchmark). The erf form loses relative precision only where
+  x < -5, where |gelu(x)| < 2e-6 and the absolute error stays below float32 ulps of 1.
+  """
+  wide = x.astype(compute_dtype(x.dtype))
+  return (0.5 * wide * (1.0 + jax.lax.erf(wide * 0.7071067811865476))).astype(x.dtype)
 
 
 def operand_dtype(dtype) -> jnp.dtype:

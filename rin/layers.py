@@ -98,7 +98,7 @@ class MLP(nn.Module):
   def __call__(self, x, *, deterministic: bool = True):
     d = x.shape[-1]
     h = Dense(int(round(self.ratio * d)), dtype=self.dtype)(x)
-    h = nn.gelu(h, approximate=False)
+    h = kernels.reference.gelu(h)
     h = Dropout(self.dropout)(h, deterministic=deterministic)
     return Dense(d, dtype=self.dtype)(h)
 

@@ -9,6 +9,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -165,3 +166,29 @@ def test_gpu_suite_dry_run():
                  "bench.model", "timeout", "/tmp/bench_dry_run_out"):
     assert needle in out, needle
   assert not os.path.exists("/tmp/bench_dry_run_out/kernels.json")
+
+
+def test_candidates_are_timed_round_robin_with_paired_ratios():
+  """--interleave runs A B A B ...; the paired ratio is the median of per-round ratios."""
+  calls = []
+
+  def fake(name, seconds):
+    def step(*_):
+      calls.append(name)
+      time.sleep(seconds)
+    return bm.Candidate({"implementation": name, "batch": 4, "train_flops_per_step": 1e9},
+                        step, step)
+  ours, theirs = fake("xla", 0.01), fake("rin-pytorch", 0.03)
+  ceiling = {"matmul_flops_per_s": 1e12}
+  bm.time_candidates([ours, theirs], 3, 2, ceiling, interleave=True)
+  assert calls == ["xla", "rin-pytorch"] * 5
+  for c in (ours, theirs):
+    c.row["status"] = "ok"
+    assert len(c.row["train_step_times_s"]) == 3 and c.row["timing_order"] == "interleaved"
+  comp = bm._comparisons([ours.row, theirs.row])
+  assert 2.0 < comp["xla_train_speedup_vs_rin_pytorch_paired_median"] < 4.5
+  calls.clear()
+  bm.time_candidates([ours, theirs], 2, 1, ceiling, interleave=False)
+  assert calls == ["xla", "xla", "rin-pytorch", "rin-pytorch", "xla", "rin-pytorch"]
+  assert "xla_train_speedup_vs_rin_pytorch_paired_median" not in bm._comparisons(
+      [ours.row, theirs.row])

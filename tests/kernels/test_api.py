@@ -140,3 +140,25 @@ def test_reference_softmax_matches_jax_nn_softmax_forward_and_backward():
   with jax.enable_x64():
     np.testing.assert_allclose(reference.softmax(jnp.asarray(s64)), e / e.sum(-1, keepdims=True),
                                rtol=1e-13)
+
+
+def test_reference_gelu_is_the_exact_erf_gelu_forward_and_backward():
+  # reference.gelu uses the erf form (cheaper on XLA:CPU than jax.nn.gelu's erfc form); it
+  # must stay the exact GELU x * Phi(x), not the tanh approximation.
+  import math
+  x64 = np.linspace(-12.0, 12.0, 20001)
+  phi = 0.5 * np.array([math.erfc(-t / math.sqrt(2.0)) for t in x64])
+  pdf = np.exp(-0.5 * x64 ** 2) / math.sqrt(2.0 * math.pi)
+  with jax.enable_x64():
+    y = reference.gelu(jnp.asarray(x64))
+    g = jax.vmap(jax.grad(reference.gelu))(jnp.asarray(x64))
+  np.testing.assert_allclose(y, x64 * phi, rtol=1e-13, atol=1e-15)
+  np.testing.assert_allclose(g, phi + x64 * pdf, rtol=1e-12, atol=1e-15)
+  x32 = jnp.asarray(x64, jnp.float32)
+  np.testing.assert_allclose(reference.gelu(x32), x64 * phi, rtol=2e-6, atol=2e-6)
+  np.testing.assert_allclose(jax.vmap(jax.grad(reference.gelu))(x32), phi + x64 * pdf,
+                             rtol=1e-5, atol=1e-6)
+  # tanh GELU differs from the exact one by up to ~5e-4: far outside these tolerances.
+  assert np.max(np.abs(np.asarray(jax.nn.gelu(x32, approximate=True)) - x64 * phi)) > 1e-4
+  xb = x32.astype(jnp.bfloat16)
+  assert reference.gelu(xb).dtype == jnp.bfloat16
