@@ -344,11 +344,13 @@ def prepare_rin_pytorch(config, batch: int, compute_dtype: str = "float32") -> C
     net.train()
     return out
   sample_step()                      # warm-up, not timed
+  # Its train steps have reached their peak by now. main() prepares rin-pytorch before our
+  # candidates, so this high-water mark is its own (plus the interpreter and imports).
+  row["process_peak_rss_bytes"] = _peak_rss_bytes()
 
   def finish():
     if dev == "cuda":
       row["device_peak_bytes"] = int(torch.cuda.max_memory_allocated())
-    row["process_peak_rss_bytes"] = _peak_rss_bytes()
     row["differences"] = RIN_PYTORCH_DIFFERENCES
   return Candidate(row, train_step, sample_step, finish)
 
@@ -385,10 +387,13 @@ def _table_row(r: dict) -> dict:
     t["peak_mem_gb"], t["mem_kind"] = r["device_peak_bytes"] / 1e9, "device memory_stats"
   elif r.get("train_memory_analysis", {}).get("total_bytes"):
     t["peak_mem_gb"] = r["train_memory_analysis"]["total_bytes"] / 1e9
+    shared = f", {r['process_peak_rss_note']}" if r.get("process_peak_rss_note") else ""
     t["mem_kind"] = (f"XLA memory_analysis (process peak RSS "
-                     f"{r.get('process_peak_rss_bytes', 0) / 1e9:.1f} GB)")
+                     f"{r.get('process_peak_rss_bytes', 0) / 1e9:.1f} GB{shared})")
   elif r.get("process_peak_rss_bytes"):
-    t["peak_mem_gb"], t["mem_kind"] = r["process_peak_rss_bytes"] / 1e9, "process peak RSS"
+    t["peak_mem_gb"] = r["process_peak_rss_bytes"] / 1e9
+    t["mem_kind"] = ("process peak RSS after its warm-up" if r["framework"] == "torch"
+                     else "process peak RSS")
   if r.get("train_load"):
     t["load"] = r["train_load"][0]
   return t
@@ -446,13 +451,7 @@ def main(argv=None) -> dict:
             "status": "error",
             "note": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
 
-  for impl in impls:
-    try:
-      cands.append(prepare_jax(config, impl, args.batch))
-      print(f"  {impl}: compiled in {cands[-1].row['train_compile_s']:.1f}s", flush=True)
-    except Exception as e:  # noqa: BLE001
-      rows.append(failed("jax", impl, e))
-      print(f"  {impl}: {_summary(rows[-1])}", flush=True)
+  # rin-pytorch first, so that its peak RSS is read before our programs exist.
   if args.rin_pytorch:
     why = rin_pytorch_available()
     if why:
@@ -465,11 +464,21 @@ def main(argv=None) -> dict:
       except Exception as e:  # noqa: BLE001
         rows.append(failed("torch", "rin-pytorch", e))
         print(f"  rin-pytorch: {_summary(rows[-1])}", flush=True)
+  for impl in impls:
+    try:
+      cands.append(prepare_jax(config, impl, args.batch))
+      print(f"  {impl}: compiled in {cands[-1].row['train_compile_s']:.1f}s", flush=True)
+    except Exception as e:  # noqa: BLE001
+      rows.append(failed("jax", impl, e))
+      print(f"  {impl}: {_summary(rows[-1])}", flush=True)
   if cands:
     print(f"  timing {steps} train + {sample_steps} sampling steps each, "
           f"{'interleaved' if args.interleave else 'one after another'}", flush=True)
     time_candidates(cands, steps, sample_steps, ceiling, interleave=args.interleave)
-  for c in cands:
+  shared = any(c.row["framework"] == "torch" for c in cands)
+  for c in sorted(cands, key=lambda c: c.row["framework"] != "jax"):   # ours first
+    if shared and c.row["framework"] == "jax":
+      c.row["process_peak_rss_note"] = "the process also held rin-pytorch"
     c.row["status"] = "ok"
     rows.append(c.row)
     print(f"  {c.row['implementation']}: {_summary(c.row)}", flush=True)
@@ -484,7 +493,11 @@ def main(argv=None) -> dict:
                       "sampling step = one denoiser call with carried latents (eval mode)",
                       "MFU = FLOPs per step (XLA cost_analysis of the lowered program; torch profiler "
                       "with_flops for rin-pytorch) / time / matmul ceiling measured in this run",
-                      "the first train step is a warm-up and not timed"]}
+                      "the first train step is a warm-up and not timed",
+                      ("timed steps run round-robin over the candidates (ours, rin-pytorch, "
+                       "ours, ...); *_paired_median = median over rounds of rin-pytorch's "
+                       "step time / ours in the same round" if args.interleave else
+                       "timed steps run one candidate after another (--no-interleave)")]}
   write_outputs(record, out_dir)
   return record
 
@@ -528,7 +541,8 @@ def _comparisons(rows):
 
 
 def write_outputs(record: dict, out_dir: str) -> dict:
-  stem = f"model_{record['config']}_b{record['settings']['batch']}"
+  name = os.path.splitext(os.path.basename(record["config"]))[0]   # a name or a .py path
+  stem = f"model_{name}_b{record['settings']['batch']}"
   paths = {"json": report.write_json(os.path.join(out_dir, stem + ".json"), record)}
   sections = [("Train and sampling steps",
                report.markdown_table([_table_row(r) for r in record["rows"]], COLUMNS))]
