@@ -411,7 +411,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
-  xla_cpu.enable_onednn_dots()      # before the first computation (rin/xla_cpu.py)
+  xla_cpu.configure()               # before the first computation (rin/xla_cpu.py)
   platform = jax.default_backend()
   out_dir = args.out or os.environ.get("OUT") or report.default_out_dir("kernels")
   env = timing.environment()

@@ -127,7 +127,7 @@ def prepare_jax(config, impl: str, batch: int, *, interpret: bool = False) -> Ca
   row = {"framework": "jax", "implementation": impl, "batch": batch,
          "compute_dtype": config.train.get("dtype") or "float32",
          "onednn_dots": xla_cpu.onednn_dots_requested() if jax.default_backend() == "cpu"
-         else None}
+         else None, "freed_memory_kept": xla_cpu.freed_memory_kept()}
   model = rt.create_model(config, implementation=impl, interpret=interpret)
   state = rt.init_state(config, model, jax.random.PRNGKey(0))
   row["params"] = int(sum(x.size for x in jax.tree.leaves(state.params)))
@@ -429,8 +429,8 @@ def main(argv=None) -> dict:
   config = load_config(args.config)
   if args.dtype:
     config.train.dtype = args.dtype
-  # Before the first computation (rin/xla_cpu.py); bf16 also routes every dot to oneDNN.
-  xla_cpu.enable_onednn_dots(config.train.dtype)
+  # Before the first computation (rin/xla_cpu.py): oneDNN dots, malloc keeps freed memory.
+  xla_cpu.configure(config.train.dtype)
   platform = jax.default_backend()
   cpu = platform == "cpu"
   steps = args.steps or (3 if cpu else 20)
@@ -497,7 +497,10 @@ def main(argv=None) -> dict:
                       ("timed steps run round-robin over the candidates (ours, rin-pytorch, "
                        "ours, ...); *_paired_median = median over rounds of rin-pytorch's "
                        "step time / ours in the same round" if args.interleave else
-                       "timed steps run one candidate after another (--no-interleave)")]}
+                       "timed steps run one candidate after another (--no-interleave)"),
+                      f"malloc keeps freed memory (rin/xla_cpu.py keep_freed_memory): "
+                      f"{xla_cpu.freed_memory_kept()}; one process, so rin-pytorch runs "
+                      f"under the same malloc settings"]}
   write_outputs(record, out_dir)
   return record
 

@@ -83,8 +83,9 @@ def generate(config, params, model, *, num_samples: int, seed: int = 0, label=No
 def main(argv):
   del argv
   config = _CONFIG.value
-  # Before the first computation starts the backend; bf16 also routes every dot to oneDNN.
-  xla_cpu.enable_onednn_dots(config.train.get("dtype"))
+  # Before the first computation starts the backend: oneDNN dots (bf16: every dot) and
+  # malloc settings that keep XLA's per-step temporaries mapped (rin/xla_cpu.py).
+  xla_cpu.configure(config.train.get("dtype"))
   model = train_lib.create_model(config, implementation=_IMPL.value, interpret=_INTERPRET.value)
   params, step = load_ema_params(config, _WORKDIR.value, model)
   images, labels = generate(config, params, model, num_samples=_NUM.value, seed=_SEED.value,

@@ -638,8 +638,9 @@ def main():
 
   def run(argv):
     del argv
-    # Before the first computation starts the backend; bf16 also routes every dot to oneDNN.
-    xla_cpu.enable_onednn_dots(config.value.train.get("dtype"))
+    # Before the first computation starts the backend: oneDNN dots (bf16: every dot) and
+    # malloc settings that keep XLA's per-step temporaries mapped (rin/xla_cpu.py).
+    xla_cpu.configure(config.value.train.get("dtype"))
     distributed.initialize(coordinator.value, num_processes.value, process_id.value)
     if jax.process_count() > 1:
       logging.info("process %d of %d, %d local / %d global devices", jax.process_index(),

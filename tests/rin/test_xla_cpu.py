@@ -99,3 +99,32 @@ def test_model_programs_serialise_for_the_compilation_cache(dtype):
                                l.split('custom_call_target="')[1].split('"')[0]
                                for l in compiled.as_text().splitlines()
                                if 'custom_call_target="' in l)))) from e
+
+
+_FAULTS_CODE = """
+import resource
+from rin import xla_cpu
+xla_cpu.configure()
+on = xla_cpu.freed_memory_kept()
+import jax, jax.numpy as jnp
+x = jnp.linspace(0.0, 1.0, 4096)
+# A [4096, 4096] float32 temporary (64 MB, 16384 pages) that XLA must materialise.
+f = jax.jit(lambda x: jnp.sum(jnp.sin(jnp.outer(x, x)).T @ jnp.cos(x)))
+faults = []
+for _ in range(30):
+  r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  jax.block_until_ready(f(x))
+  faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0)
+print(on, sum(faults[-10:]))  # the heap grows a few times early on, then settles
+"""
+
+
+@pytest.mark.skipif(xla_cpu._glibc() is None, reason="mallopt is glibc's; this C library "
+                    "has its own allocator policy")
+def test_keep_freed_memory_stops_refaulting_each_calls_temporaries():
+  # Without it glibc unmaps the freed temporary and the next call faults its pages again.
+  kept, faults = _fresh(_FAULTS_CODE).split()
+  off, faults_off = _fresh(_FAULTS_CODE, RIN_CPU_KEEP_FREED_MEMORY="0").split()
+  assert (kept, off) == ("True", "False")
+  assert int(faults_off) > 10 * 8000, faults_off  # about 16384 pages refaulted per call
+  assert int(faults) < 2000, faults
