@@ -14,7 +14,7 @@ measured for lucidrains' rin-pytorch at a matching configuration (differences li
 in the output).
 
 Every candidate is compiled and warmed up first; then the timed steps run round-robin
-(ours, rin-pytorch, ours, ...), because this shared 2-core VM has slow spells of tens of
+(one step of each candidate per round), because this shared 2-core VM has slow spells of tens of
 seconds (identical runs a minute apart: 2.8 vs 4.0 s per step) that would otherwise land
 on one candidate only. The ratios then include the median of the per-round ratios.
 """
@@ -494,8 +494,8 @@ def main(argv=None) -> dict:
                       "MFU = FLOPs per step (XLA cost_analysis of the lowered program; torch profiler "
                       "with_flops for rin-pytorch) / time / matmul ceiling measured in this run",
                       "the first train step is a warm-up and not timed",
-                      ("timed steps run round-robin over the candidates (ours, rin-pytorch, "
-                       "ours, ...); *_paired_median = median over rounds of rin-pytorch's "
+                      ("timed steps run round-robin, one step of each candidate per round "
+                       "(rin-pytorch, then ours); *_paired_median = median over rounds of rin-pytorch's "
                        "step time / ours in the same round" if args.interleave else
                        "timed steps run one candidate after another (--no-interleave)"),
                       f"malloc keeps freed memory (rin/xla_cpu.py keep_freed_memory): "
