@@ -355,13 +355,6 @@ def prepare_rin_pytorch(config, batch: int, compute_dtype: str = "float32") -> C
   return Candidate(row, train_step, sample_step, finish)
 
 
-def bench_rin_pytorch(config, batch: int, steps: int, sample_steps: int,
-                      ceiling: dict, compute_dtype: str = "float32") -> dict:
-  cand = prepare_rin_pytorch(config, batch, compute_dtype)
-  time_candidates([cand], steps, sample_steps, ceiling)
-  return cand.row
-
-
 # ----------------------------------------------------------------------------
 
 COLUMNS = [("implementation", "implementation"), ("compute_dtype", "compute"),

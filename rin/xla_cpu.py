@@ -46,6 +46,11 @@ def _backend_started() -> bool:
     return False
 
 
+def _switched_off(env_name: str) -> bool:
+  """Whether the environment variable turns a setting off (0/false/no/off; unset = on)."""
+  return os.environ.get(env_name, "1").strip().lower() in ("0", "false", "no", "off")
+
+
 def onednn_dots_requested() -> bool:
   """Whether XLA_FLAGS (as the backend will read it) turns oneDNN dots on."""
   flags = os.environ.get("XLA_FLAGS", "")
@@ -58,7 +63,7 @@ def enable_onednn_dots(compute_dtype: str | None = None) -> bool:
   compute_dtype: the model's compute dtype when known (config.train.dtype); for bfloat16 /
   float16 YNN fusions are limited to reductions too, so that every dot goes to oneDNN.
   """
-  if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+  if _switched_off(ENV_SWITCH):
     return onednn_dots_requested()
   flags = os.environ.get("XLA_FLAGS", "")
   if ONEDNN_FLAG_NAME in flags:          # the user decided; respect it
@@ -123,7 +128,7 @@ def keep_freed_memory() -> bool:
   global _memory_kept
   if _memory_kept:
     return True
-  if os.environ.get(MALLOC_ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+  if _switched_off(MALLOC_ENV_SWITCH):
     return False
   libc = _glibc()
   if libc is None:
