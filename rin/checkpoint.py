@@ -167,6 +167,9 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 # Sections whose differences make a checkpoint unusable (parameter shapes / meaning).
 _MUST_MATCH = ("model",)
+# Model keys that only choose how parameters are initialised: a checkpoint loads whatever
+# they say (the parameter tree is the same), so they may differ.
+_INIT_ONLY = ("model.attention_init",)
 
 
 def config_differences(saved: dict, config: ConfigDict) -> dict[str, tuple[Any, Any]]:
@@ -187,7 +190,8 @@ def check_config_matches(workdir: str, config: ConfigDict, *, write: bool = True
     with open(path) as f:
       saved = json.load(f)
     diff = config_differences(saved, config)
-    fatal = {k: v for k, v in diff.items() if k.split(".")[0] in _MUST_MATCH}
+    fatal = {k: v for k, v in diff.items()
+             if k.split(".")[0] in _MUST_MATCH and k not in _INIT_ONLY}
     if fatal:
       detail = "; ".join(f"{k}: checkpoint {a!r}, config {b!r}" for k, (a, b) in fatal.items())
       raise ValueError(

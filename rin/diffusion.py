@@ -3,7 +3,7 @@
 gamma(t) is the signal variance at time t in [0, 1]:  x_t = sqrt(gamma) x0 + sqrt(1-gamma) eps.
 Schedules are named by a spec string, as in the authors' configs:
   "cosine"                 gamma = cos^2(((t + 2e-4)/(1 + 2.5e-4)) pi/2)
-  "linear"                 gamma = max(1 - t, 1e-9)        (the authors' "simple linear")
+  "simple_linear"          gamma = max(1 - t, 1e-9)        (the authors' name; "linear" too)
   "sigmoid@s,e,tau"        e.g. "sigmoid@-3,3,0.9"
   "cosine@s,e,tau"         e.g. "cosine@0.2,1,1"
 """
@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 GAMMA_MIN = 1e-9
 TARGETS = ("eps", "x0", "v")
+LOSS_TYPES = ("eps", "x0", "v")
 SAMPLERS = ("ddim", "ddpm")
 
 
@@ -34,7 +35,7 @@ def get_schedule(spec: str) -> Callable[[jax.Array], jax.Array]:
   name, args = _parse(spec)
   if name == "cosine" and not args:
     return lambda t: jnp.cos(((t + 2e-4) / (1 + 2.5e-4)) * math.pi / 2) ** 2
-  if name == "linear" and not args:
+  if name in ("linear", "simple_linear") and not args:
     return lambda t: jnp.maximum(1.0 - t, GAMMA_MIN)
   if name == "sigmoid" and len(args) == 3:
     s, e, tau = args
@@ -50,7 +51,7 @@ def get_schedule(spec: str) -> Callable[[jax.Array], jax.Array]:
     c = lambda u: jnp.cos(u * math.pi / 2) ** (2 * tau)
     v_s, v_e = c(s), c(e)
     return lambda t: jnp.clip((c(t * (e - s) + s) - v_e) / (v_s - v_e), GAMMA_MIN, 1.0)
-  raise ValueError(f"unknown schedule {spec!r}; expected 'cosine', 'linear', "
+  raise ValueError(f"unknown schedule {spec!r}; expected 'cosine', 'simple_linear' (or 'linear'), "
                    f"'sigmoid@start,end,tau' or 'cosine@start,end,tau'")
 
 
@@ -74,6 +75,30 @@ def training_target(target: str, x0, eps, gamma):
     g = _bcast(gamma, x0)
     return jnp.sqrt(g) * eps - jnp.sqrt(1.0 - g) * x0
   raise ValueError(f"unknown target {target!r}; expected one of {TARGETS}")
+
+
+def loss_pair(loss_type: str, target: str, pred, x0, eps, x_t, gamma):
+  """(estimate, truth) that the training loss compares, as the authors' compute_loss.
+
+  The authors' loss_type is independent of the prediction target (their base config trains
+  the eps loss): "eps" compares eps with the network's eps estimate (the output itself for
+  an eps model, eps of the clipped x0 for an x0 model, sqrt(1-g) x_t + sqrt(g) v for a v
+  model, as their get_x0_eps); "x0" compares x0 with the clipped x0 estimate; "v" (this
+  project's extension, v models only) compares the output with v.
+  """
+  if loss_type not in LOSS_TYPES:
+    raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
+  if loss_type == target:
+    return pred, training_target(target, x0, eps, gamma)
+  if loss_type == "v":
+    raise ValueError(f"loss_type 'v' needs target 'v', got target {target!r}")
+  x0_hat, eps_hat = prediction_to_x0_eps(target, pred, x_t, gamma)
+  if loss_type == "x0":
+    return x0_hat, x0
+  if target == "v":   # eps from v directly, not through the clipped x0 (truncate_noise=False)
+    g = _bcast(gamma, x_t)
+    eps_hat = jnp.sqrt(1.0 - g) * x_t + jnp.sqrt(g) * pred
+  return eps_hat, eps
 
 
 def prediction_to_x0_eps(target: str, pred, x_t, gamma, *, clip_x0: bool = True):

@@ -21,13 +21,23 @@ pos_init = nn.initializers.truncated_normal(stddev=0.02)
 
 
 def timestep_embedding(gamma, dim: int, max_period: float = 10000.0):
-  """Sinusoid of gamma * 1000 with `dim` features, standardised over features."""
-  half = dim // 2
-  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  """Sinusoid of gamma * 1000 with `dim` features, standardised over features.
+
+  As the authors' transformers.positional_encoding: feature i has frequency
+  max_period^(-2 floor(i/2) / dim); sin of the even features, then cos of the odd ones
+  (concatenated). For even dim that is sin-then-cos halves with frequencies
+  max_period^(-j / (dim/2)); for odd dim there is one more sin than cos.
+  """
+  if dim < 1:
+    raise ValueError(f"time embedding width (latent_dim // 4) must be >= 1, got {dim}")
+  n_sin, n_cos = (dim + 1) // 2, dim // 2
+  # Exponent 2 floor(i/2) / dim, as (2j) / dim; for even dim as j / (dim/2), the form this
+  # function always had, so even widths keep their exact float32 values.
+  idx, denom = (jnp.arange(n_sin, dtype=jnp.float32), n_sin) if dim % 2 == 0 else (
+      2.0 * jnp.arange(n_sin, dtype=jnp.float32), dim)
+  freqs = jnp.exp(-math.log(max_period) * idx / denom)
   args = (gamma.astype(jnp.float32) * 1000.0)[:, None] * freqs[None, :]
-  emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
-  if dim % 2:
-    emb = jnp.pad(emb, ((0, 0), (0, 1)))
+  emb = jnp.concatenate([jnp.sin(args), jnp.cos(args[:, :n_cos])], axis=-1)
   mean = emb.mean(-1, keepdims=True)
   std = emb.std(-1, keepdims=True)
   return (emb - mean) / (std + 1e-6)
@@ -76,6 +86,7 @@ class RIN(nn.Module):
   self_cond_mlp_ratio: float = 4.0
   dropout: float = 0.0
   drop_path: float = 0.0
+  attention_init: str = "keras_mha"    # "xavier": 2-D xavier (rin.layers.attention_kernel_init)
   implementation: str | None = None
   interpret: bool = False
   block_sizes: Any = None
@@ -162,7 +173,8 @@ class RIN(nn.Module):
                       rw_width=self.rw_width, interface_mlp_ratio=self.interface_mlp_ratio,
                       dropout=self.dropout, drop_path=self.drop_path, dtype=self.dtype,
                       implementation=self.implementation, interpret=self.interpret,
-                      block_sizes=self.block_sizes, name=f"block_{i}")(
+                      block_sizes=self.block_sizes, attention_init=self.attention_init,
+                      name=f"block_{i}")(
                           z, x, deterministic=not train)
 
     # Readout: LN, Dense to p*p*C, depth-to-space.

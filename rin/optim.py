@@ -1,10 +1,15 @@
 """LAMB as published: biases and LayerNorm parameters (every 1-D parameter) are excluded
-from both weight decay and the trust ratio; linear warm-up, then a cosine decay
-traversed over a fraction of the remaining steps (the authors' "cosine@r")."""
+from both weight decay and the trust ratio; linear warm-up, then the authors' "cosine@r"
+learning-rate decay."""
 from __future__ import annotations
 
+import math
+
 import jax
+import jax.numpy as jnp
 import optax
+
+LR_SCHEDULES = ("cosine@r", "cosine_to_zero")
 
 
 def decay_mask(params):
@@ -13,13 +18,38 @@ def decay_mask(params):
 
 
 def learning_rate_schedule(optim, total_steps: int) -> optax.Schedule:
-  """Linear warm-up to `learning_rate`, then cosine to 0 over `decay_fraction` of the
-  remaining steps (held at 0 afterwards)."""
+  """The learning rate at each step (optimizer update count, 0 first), from `optim`:
+
+  - learning_rate, warmup_steps: linear warm-up lr = base * step / w for step < w.
+  - decay_fraction r and lr_schedule:
+    "cosine@r" (default; the authors' models/model_utils.py WarmUpAndDecay): after warm-up,
+      Keras' CosineDecay(base, decay_steps=(T - w) / r, alpha=end_lr_factor) at step - w. The
+      cosine is laid over (T - w) / r steps and training stops at fraction r of it, so the
+      last LR is base * (1 + cos(pi r)) / 2 (r = 0.8: 0.0955 base), not 0.
+    "cosine_to_zero": the cosine reaches end_lr_factor * base after r * (T - w) steps and
+      stays there (this project's schedule before it matched the authors').
+  - end_lr_factor (default 0): the cosine's floor as a fraction of base (Keras' alpha).
+  """
+  kind = optim.get("lr_schedule", "cosine@r")
+  if kind not in LR_SCHEDULES:
+    raise ValueError(f"config.optim.lr_schedule must be one of {LR_SCHEDULES}, got {kind!r}")
+  r = float(optim.decay_fraction)
+  if not 0.0 < r <= 1.0:
+    raise ValueError(f"config.optim.decay_fraction must lie in (0, 1], got {r}")
+  base = float(optim.learning_rate)
+  alpha = float(optim.get("end_lr_factor", 0.0))
   warmup = min(int(optim.warmup_steps), max(total_steps - 1, 0))
-  decay_steps = max(1, int(round(optim.decay_fraction * max(total_steps - warmup, 1))))
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=optim.learning_rate, warmup_steps=warmup,
-      decay_steps=warmup + decay_steps, end_value=0.0)
+  remaining = max(total_steps - warmup, 1)
+  decay_steps = remaining / r if kind == "cosine@r" else max(1.0, round(r * remaining))
+
+  def schedule(step):
+    step = jnp.asarray(step, jnp.float32)
+    ramp = base * step / warmup if warmup else jnp.full_like(step, base)
+    frac = jnp.clip(step - warmup, 0.0, decay_steps) / decay_steps
+    decayed = base * ((1.0 - alpha) * 0.5 * (1.0 + jnp.cos(math.pi * frac)) + alpha)
+    return jnp.where(step < warmup, ramp, decayed)
+
+  return schedule
 
 
 def make_optimizer(optim, total_steps: int) -> optax.GradientTransformation:

@@ -197,8 +197,9 @@ def loss_and_metrics(params, model: RIN, config: ConfigDict, batch, rng, *, mesh
     keep = jax.random.bernoulli(r_keep, d.self_cond_rate, (b, 1, 1))   # per example
     prev = jnp.where(keep, jax.lax.stop_gradient(z), 0.0).astype(z.dtype)
   pred, _ = apply(params, x_t, gamma, num_labels, prev, r_drop2)
-  target = diffusion.training_target(d.target, x0, eps, gamma)
-  loss = jnp.mean(jnp.square(pred.astype(jnp.float32) - target))
+  estimate, truth = diffusion.loss_pair(d.get("loss_type", d.target), d.target,
+                                       pred.astype(jnp.float32), x0, eps, x_t, gamma)
+  loss = jnp.mean(jnp.square(estimate - truth))
   return loss
 
 

@@ -1,40 +1,15 @@
 """ImageNet 64x64 (class-conditional), the authors' published sweep values (157.8M params)."""
-import ml_collections
+from rin.configs import base
 
 
-def get_config() -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.model = dict(
-      image_size=64, channels=3, patch_size=8,   # 8 in the sweep, 4 in the paper
-      num_latents=128, latent_dim=768, latent_heads=16, latent_mlp_ratio=4.0,
-      num_blocks=4, latent_layers_per_block=4,
-      interface_dim=512, interface_mlp_ratio=4.0, rw_heads=16,
-      num_classes=1000, self_cond_mlp_ratio=4.0, dropout=0.0, drop_path=0.0)
-  c.diffusion = dict(
-      train_schedule="linear", sample_schedule="cosine", target="eps",
-      self_cond_rate=0.9, sampler="ddpm", sample_steps=1000)
-  c.optim = dict(
-      learning_rate=2e-3, warmup_steps=10_000, decay_fraction=0.7,
-      b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2, grad_clip=0.0, ema_decay=0.9999)
-  c.train = dict(
-      # PRNG of the dropout / drop-path masks (rin.train.dropout_key): "rbg" is ~20% of a
-      # CPU step cheaper than "threefry" (same distribution, another random stream).
-      dropout_rng="rbg",
-      # Independent batch chunks per step (rin.train.batch_chunks): 0 = auto, 2 on a single
-      # CPU device (fills both cores of a small CPU), 1 on accelerators.
-      batch_chunks=0,
-      batch_size=1024, num_steps=150_000, seed=0, log_every=100,
-      checkpoint_every=5_000, sample_every=10_000, num_sample_images=64,
-      sample_steps_during_training=100, implementation="", dtype="float32",
-      # Scaling / fault tolerance (rin.train docstring): FSDP-shard weights and optimiser
-      # state over devices; on a NaN/Inf loss "stop" (with the step) or "skip" the update.
-      fsdp=False, nonfinite="stop", max_consecutive_skips=100, keep_checkpoints=3,
-      eval_every=10000, tensorboard=True)
-  c.data = dict(name="folder", path="", random_flip=True)
-  # Evaluation on EMA samples every train.eval_every steps (0: never): the digits metric
-  # for the digits data; FID/IS when inception_path names an Inception weights .npz
-  # (rin.metrics.InceptionV3), against fid_reference (.npz with mu, sigma) or the
-  # training images.
-  c.eval = dict(num_samples=10000, sample_steps=100, batch_size=256, at_start=True,
-                inception_path="", fid_reference="", fid_reference_images=10_000)
+def get_config():
+  c = base.get_config()
+  c.model.update(
+      image_size=64, patch_size=8,   # 8 in the sweep, 4 in the paper
+      latent_dim=768, num_blocks=4, latent_layers_per_block=4,
+      interface_dim=512, interface_mlp_ratio=4.0, rw_heads=16, num_classes=1000)
+  c.diffusion.update(train_schedule="simple_linear")
+  c.optim.update(learning_rate=2e-3, decay_fraction=0.7)
+  c.train.update(batch_size=1024)
+  c.data.update(name="folder")
   return c

@@ -92,9 +92,46 @@ def test_blocks_do_not_share_weights_and_init():
   a, b = params["block_0"]["read"]["wq"], params["block_1"]["read"]["wq"]
   assert a.shape == b.shape and not np.allclose(a, b)
   assert np.all(params["block_0"]["read"]["bq"] == 0)    # biases start at zero
-  # xavier-uniform bound sqrt(6/(fan_in+fan_out))
-  bound = np.sqrt(6.0 / sum(a.shape))
-  assert np.max(np.abs(a)) <= bound and np.max(np.abs(a)) > 0.5 * bound
+  # The authors' Keras-MHA init: q/k/v U(+-sqrt(6 / (D_in (H + hd)))), out U(+-sqrt(6 / (H (hd + D_out)))).
+  h = cfg.model.rw_heads
+  for name, role in (("wq", "qkv"), ("wk", "qkv"), ("wv", "qkv"), ("wo", "out")):
+    w = np.asarray(params["block_0"]["read"][name])
+    d_in, d_out = w.shape
+    hd = (d_out if role == "qkv" else d_in) // h
+    bound = np.sqrt(6.0 / (d_in * (h + hd) if role == "qkv" else h * (hd + d_out)))
+    assert np.max(np.abs(w)) <= bound and np.max(np.abs(w)) > 0.5 * bound, name
+  # Everything else: xavier-uniform bound sqrt(6/(fan_in+fan_out)).
+  w1 = params["block_0"]["write"]["w1"]
+  bound = np.sqrt(6.0 / sum(w1.shape))
+  assert np.max(np.abs(w1)) <= bound and np.max(np.abs(w1)) > 0.5 * bound
+
+
+@pytest.mark.parametrize("attention_init, q_std, out_std", [
+    ("keras_mha", 0.00903, 0.0151),   # the authors' CIFAR-10 latent q (measured in their code)
+    ("xavier", 0.0442, 0.0442)])
+def test_attention_init_std_at_the_cifar10_latent_shape(attention_init, q_std, out_std):
+  layer = rin.layers.LatentSelfAttention(num_heads=16, attention_init=attention_init)
+  params = layer.init(jax.random.PRNGKey(0), jnp.zeros((1, 4, 512)))["params"]
+  assert float(jnp.std(params["q"]["kernel"])) == pytest.approx(q_std, rel=0.02)
+  assert float(jnp.std(params["out"]["kernel"])) == pytest.approx(out_std, rel=0.02)
+
+
+def test_attention_init_refuses_unknown_names():
+  with pytest.raises(ValueError, match="attention_init"):
+    rin.layers.attention_kernel_init("he", 4, "qkv")
+
+
+def test_time_embedding_matches_the_authors_positional_encoding_for_odd_and_even_widths():
+  """transformers.positional_encoding: freq_i = 1e4^(-2 floor(i/2) / dim), sin(even) ++ cos(odd)."""
+  from rin.model import timestep_embedding
+  gamma = np.array([0.0, 0.3, 0.97])
+  for dim in (7, 8, 33):
+    i = np.arange(dim)
+    ang = gamma[:, None] * 1000.0 / np.power(1e4, 2 * (i // 2) / dim)[None]
+    emb = np.concatenate([np.sin(ang[:, 0::2]), np.cos(ang[:, 1::2])], -1)
+    emb = (emb - emb.mean(-1, keepdims=True)) / (emb.std(-1, keepdims=True) + 1e-6)
+    np.testing.assert_allclose(timestep_embedding(jnp.asarray(gamma, jnp.float32), dim), emb,
+                               atol=2e-4)
 
 
 def test_interface_mlp_ratio_zero_skips_mlp():

@@ -66,14 +66,35 @@ def test_optimizer_excludes_biases_and_layernorm_from_decay():
   assert not mask["stem_ln"]["scale"] and mask["stem"]["kernel"]
 
 
-def test_learning_rate_warmup_then_partial_cosine():
+def test_learning_rate_is_the_authors_cosine_at_r():
+  """cosine@r: the cosine is laid over (T - w) / r steps and training stops at fraction r."""
   cfg = tiny_config()
   cfg.optim.update(learning_rate=1.0, warmup_steps=10, decay_fraction=0.5)
-  lr = learning_rate_schedule(cfg.optim, 110)
+  lr = learning_rate_schedule(cfg.optim, 110)       # decay over 100 / 0.5 = 200 steps
   assert float(lr(0)) == 0.0 and float(lr(5)) == pytest.approx(0.5)
   assert float(lr(10)) == pytest.approx(1.0)
+  assert float(lr(60)) == pytest.approx(0.5 * (1 + np.cos(np.pi / 4)), abs=1e-6)
+  assert float(lr(110)) == pytest.approx(0.5, abs=1e-6)       # (1 + cos(pi r)) / 2, not 0
+  # The published CIFAR-10 schedule (3e-3, 10k warm-up, cosine@0.8 over 150k steps).
+  cfg.optim.update(learning_rate=3e-3, warmup_steps=10_000, decay_fraction=0.8)
+  lr = learning_rate_schedule(cfg.optim, 150_000)
+  assert float(lr(100_000)) == pytest.approx(1.4327e-3, rel=1e-4)
+  assert float(lr(150_000)) == pytest.approx(3e-3 * (1 + np.cos(0.8 * np.pi)) / 2, rel=1e-5)
+
+
+def test_learning_rate_cosine_to_zero_option_and_bad_values():
+  cfg = tiny_config()
+  cfg.optim.update(learning_rate=1.0, warmup_steps=10, decay_fraction=0.5,
+                   lr_schedule="cosine_to_zero")
+  lr = learning_rate_schedule(cfg.optim, 110)
   assert float(lr(35)) == pytest.approx(0.5, abs=1e-6)   # half-way through the cosine
   assert float(lr(60)) == pytest.approx(0.0, abs=1e-6) and float(lr(100)) == 0.0
+  cfg.optim.lr_schedule = "linear"
+  with pytest.raises(ValueError, match="lr_schedule"):
+    learning_rate_schedule(cfg.optim, 110)
+  cfg.optim.update(lr_schedule="cosine@r", decay_fraction=0.0)
+  with pytest.raises(ValueError, match="decay_fraction"):
+    learning_rate_schedule(cfg.optim, 110)
 
 
 def test_self_conditioning_is_per_example():
