@@ -515,7 +515,7 @@ def train(config: ConfigDict, workdir: str, *, implementation: str | None = None
         evaluator = Evaluator(config, dataset) if distributed.is_primary() else None
         eval_sample_fn = make_sample_fn(
             model, config, num_steps=ev_cfg.get("sample_steps", tc.sample_steps_during_training),
-            out_sharding=rep)
+            sampler=ev_cfg.get("sampler") or None, out_sharding=rep)
       t0 = time.perf_counter()
       res, _ = evaluate(config, evaluator, eval_sample_fn, state.ema_params, seed=tc.seed + 2,
                         num_samples=ev_cfg.get("num_samples", 256),
