@@ -112,14 +112,14 @@ def test_null_label_is_a_zero_one_hot(setup):
 
 def test_sample_fn_guidance_and_options(setup):
   cfg, model, params, _ = setup
-  kw = dict(num_samples=3, num_steps=3, seed=1)
-  for sampler in diffusion.SAMPLERS:
-    plain, _ = sample_lib.generate(cfg, params, model, sampler=sampler, **kw)
-    zero, _ = sample_lib.generate(cfg, params, model, sampler=sampler, guidance=0.0, **kw)
-    np.testing.assert_array_equal(zero, plain)
-    guided, _ = sample_lib.generate(cfg, params, model, sampler=sampler, guidance=2.0,
-                                    time_grid="logsnr", guidance_interval=(0.2, 0.9), **kw)
-    assert guided.shape == plain.shape and np.all(np.abs(guided) <= 1)
+  kw = dict(num_samples=3, num_steps=3, seed=1, sampler="dpmpp_2m")
+  plain, _ = sample_lib.generate(cfg, params, model, **kw)
+  zero, _ = sample_lib.generate(cfg, params, model, guidance=0.0, **kw)
+  np.testing.assert_array_equal(zero, plain)
+  guided, _ = sample_lib.generate(cfg, params, model, guidance=2.0, time_grid="logsnr",
+                                  guidance_interval=(0.2, 0.9), **kw)
+  assert guided.shape == plain.shape and np.all(np.abs(guided) <= 1)
+  assert not np.allclose(guided, plain)
   with pytest.raises(TypeError, match="unknown sampling option"):
     train_lib.make_sample_fn(model, cfg, guidence=1.0)
   uncond = tiny_config()
