@@ -26,7 +26,7 @@ setup(
     ],
     extras_require={
         # torch only feeds Triton's CPU interpreter in the tests (jax-triton needs a GPU).
-        "test": ["pytest", "pytest-xdist", "hypothesis", "triton", "jax-triton", "torch"],
+        "test": ["pytest", "pytest-xdist", "hypothesis", "triton", "jax-triton", "torch", "pytorch-fid"],
         "gpu": ["jax-triton", "triton"],
         "bench": ["rin-pytorch", "torchvision", "tokamax"],
     },

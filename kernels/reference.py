@@ -129,6 +129,17 @@ def attention_block(x_q, x_kv, p, *, num_heads: int):
   return x_q.astype(cdt) + dense(_merge_heads(o), p.wo, p.bo, op)
 
 
+def attention_probs(x_q, x_kv, p, *, num_heads: int):
+  """The attention probabilities [B, heads, Q, K] of attention_block (float32): which keys
+  each query reads. For visualisation only; no kernel computes or returns them."""
+  cdt, op = compute_dtype(x_q.dtype), x_q.dtype
+  h = layer_norm(x_q, p.ln_scale, p.ln_bias)
+  q = _split_heads(dense(h, p.wq, p.bq, op), num_heads).astype(cdt)
+  k = _split_heads(dense(x_kv, p.wk, p.bk, op), num_heads).astype(cdt)
+  s = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=jax.lax.Precision.HIGHEST)
+  return softmax(s * q.shape[-1] ** -0.5)
+
+
 def read_block(z, x, p: ReadBlockParams, *, num_heads: int):
   """Read: latents z [B, M, D] attend to the interface x [B, N, T]."""
   return attention_block(z, x, p, num_heads=num_heads).astype(z.dtype)

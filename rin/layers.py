@@ -202,6 +202,11 @@ class ReadBlock(_KernelBacked):
     d, t = z.shape[-1], x.shape[-1]
     width = self.width or min(d, t)
     params = ReadBlockParams(**_attention_params(self, d, t, width))
+    if self.is_mutable_collection("attention"):
+      # Only when asked (apply(..., mutable=["attention"]), e.g. rin.visualize): the
+      # read probabilities [B, heads, M, N] recomputed by the reference; kernels untouched.
+      self.sow("attention", "read", kernels.reference.attention_probs(
+          z, x.astype(z.dtype), params, num_heads=self.num_heads))
     return kernels.read_block(z, x.astype(z.dtype), params, num_heads=self.num_heads,
                               implementation=self.implementation,
                               interpret=self.interpret, block_sizes=self.block_sizes)

@@ -8,7 +8,7 @@
   ``FIDInceptionV3``, itself a port of the TF FID graph) written in
   ``jax.numpy``. Its weights come from a file the user supplies (nothing can
   be downloaded here); see ``InceptionV3`` for the format and a two-line
-  conversion from pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth``.
+  conversion from pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth`` (or that .pth directly with torch).
   It returns the 2048-d pool3 features (FID) and the 1008 class logits (IS).
 * ``FIDEvaluator`` -- FID (and IS when logits are available) of samples
   against reference statistics, with the Inception network or any
@@ -224,19 +224,44 @@ def inception_weight_shapes() -> dict[str, tuple[int, ...]]:
   return out
 
 
+def _load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
+  """A PyTorch state_dict file (pytorch-fid's ``pt_inception-2015-12-05-*.pth``) as numpy
+  arrays; needs torch, and reads tensors only (``weights_only=True``: no pickled code)."""
+  try:
+    import torch
+  except ImportError as e:
+    raise ImportError(f"Inception weights file {path!r} is a PyTorch .pth: reading it needs "
+                      "torch (pip install torch), or convert it to .npz elsewhere (see "
+                      "rin.metrics.InceptionV3)") from e
+  try:
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # noqa: BLE001 -- unpickling/format errors: malformed file
+    raise ValueError(f"Inception weights file {path!r} is not a readable PyTorch "
+                     f"state_dict: {e}") from e
+  if not isinstance(sd, dict):
+    raise ValueError(f"Inception weights file {path!r} holds a {type(sd).__name__}, not a "
+                     "state_dict (a dict of tensors)")
+  return {k: v.detach().cpu().numpy() for k, v in sd.items() if isinstance(v, torch.Tensor)}
+
+
 def load_inception_weights(path: str) -> dict[str, np.ndarray]:
-  """Reads and checks the Inception weights ``.npz`` (see ``InceptionV3``)."""
+  """Reads and checks the Inception weights: a ``.npz`` (see ``InceptionV3``) or
+  pytorch-fid's published ``pt_inception-2015-12-05-6726825d.pth`` itself (``.pth`` /
+  ``.pt``, converted on load; needs torch)."""
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise FileNotFoundError(
         f"Inception weights file {path!r} does not exist. No weights can be downloaded here: "
-        "convert pytorch-fid's pt_inception-2015-12-05-6726825d.pth to .npz (see "
-        "rin.metrics.InceptionV3) and pass its path")
-  try:
-    with np.load(path, allow_pickle=False) as f:
-      arrays = {k: np.asarray(f[k]) for k in f.files}
-  except Exception as e:  # noqa: BLE001 -- zip/format errors: malformed file
-    raise ValueError(f"Inception weights file {path!r} is not a readable .npz: {e}") from e
+        "pass pytorch-fid's pt_inception-2015-12-05-6726825d.pth (read with torch) or its "
+        ".npz conversion (see rin.metrics.InceptionV3)")
+  if path.endswith((".pth", ".pt")):
+    arrays = _load_torch_state_dict(path)
+  else:
+    try:
+      with np.load(path, allow_pickle=False) as f:
+        arrays = {k: np.asarray(f[k]) for k in f.files}
+    except Exception as e:  # noqa: BLE001 -- zip/format errors: malformed file
+      raise ValueError(f"Inception weights file {path!r} is not a readable .npz: {e}") from e
   shapes = inception_weight_shapes()
   missing = sorted(set(shapes) - set(arrays))
   if missing:
@@ -269,8 +294,10 @@ class InceptionV3:
   (see ``inception_weight_shapes()``) ``<name>.conv.weight`` [O, I, kh, kw]
   and ``<name>.bn.{weight,bias,running_mean,running_var}`` [O]; plus
   ``fc.weight`` [1008, 2048] and ``fc.bias`` [1008]. Extra arrays (e.g.
-  ``num_batches_tracked``) are ignored. To make it from pytorch-fid's
-  published FID weights (on a machine that can download them)::
+  ``num_batches_tracked``) are ignored. pytorch-fid's published FID weights file
+  ``pt_inception-2015-12-05-6726825d.pth`` (the TF-FID network; download it where you
+  can, nothing is downloaded here) is read directly when torch is installed: pass its
+  path. Without torch, convert it once elsewhere::
 
       import numpy as np, torch
       sd = torch.load("pt_inception-2015-12-05-6726825d.pth", map_location="cpu")

@@ -174,6 +174,20 @@ def make_apply(model: RIN, mesh=None, *, dropout_rng: str = "threefry", chunks: 
                                                                labels, prev)
 
 
+_COND_DROPOUT_FOLD = 0x4346   # "CF": the label-dropout key is fold_in(step key, this)
+
+
+def check_cond_dropout(config: ConfigDict) -> float:
+  """config.diffusion.cond_dropout (default 0 for configs that predate it), checked."""
+  p = config.diffusion.get("cond_dropout", 0.0)
+  if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+    raise ValueError(f"config.diffusion.cond_dropout must be a number in [0, 1), got {p!r}")
+  if p > 0 and config.model.num_classes <= 0:
+    raise ValueError(f"config.diffusion.cond_dropout={p} needs a class-conditional model "
+                     f"(config.model.num_classes > 0)")
+  return float(p)
+
+
 def loss_and_metrics(params, model: RIN, config: ConfigDict, batch, rng, *, mesh=None):
   """The self-conditioned diffusion loss for one batch (float32 whatever the compute dtype).
 
@@ -190,6 +204,14 @@ def loss_and_metrics(params, model: RIN, config: ConfigDict, batch, rng, *, mesh
   eps = jax.random.normal(r_eps, x0.shape, jnp.float32)
   x_t = diffusion.add_noise(x0, eps, gamma)
   num_labels = labels if config.model.num_classes > 0 else None
+  cond_dropout = d.get("cond_dropout", 0.0)
+  if num_labels is not None and cond_dropout > 0:
+    # Classifier-free guidance training: per example, the label is replaced by the
+    # unconditional token (a zero one-hot, as the authors' labels * 0) with probability
+    # cond_dropout. Its key is folded off `rng` and only drawn here, so cond_dropout = 0
+    # draws exactly the numbers it drew before this option existed.
+    drop = jax.random.uniform(jax.random.fold_in(rng, _COND_DROPOUT_FOLD), (b,)) < cond_dropout
+    num_labels = jnp.where(drop, diffusion.NULL_LABEL, num_labels)
 
   prev = None
   if d.self_cond_rate > 0:
@@ -209,6 +231,7 @@ def make_train_step(model: RIN, config: ConfigDict, *, mesh=None):
   mesh: run the model apply per device under shard_map (see make_apply).
   """
   dropout_rng_impl(config)     # a bad name fails here, before tracing
+  check_cond_dropout(config)
   batch_chunks(config, mesh)
   tx = make_optimizer(config.optim, config.train.num_steps)
   ema_decay = config.optim.ema_decay
@@ -236,27 +259,77 @@ def make_train_step(model: RIN, config: ConfigDict, *, mesh=None):
   return step_fn
 
 
+def sample_options(config: ConfigDict, **overrides) -> dict:
+  """The sampler keyword arguments of rin.diffusion.sample from config.diffusion, with
+  `overrides` (None values ignored) on top: num_steps, sampler, schedule, time_delay,
+  time_grid, guidance, guidance_interval, guidance_latents."""
+  d = config.diffusion
+  opts = dict(num_steps=d.sample_steps, sampler=d.sampler, schedule=d.sample_schedule,
+              time_delay=d.get("time_delay", 0.0), time_grid=d.get("time_grid", "uniform"),
+              guidance=d.get("guidance", 0.0), guidance_interval=d.get("guidance_interval", None),
+              guidance_latents=d.get("guidance_latents", "shared"))
+  unknown = set(overrides) - set(opts)
+  if unknown:
+    raise TypeError(f"unknown sampling option(s) {sorted(unknown)}; expected {sorted(opts)}")
+  opts.update({k: v for k, v in overrides.items() if v is not None})
+  if opts["guidance_interval"] is not None:
+    opts["guidance_interval"] = tuple(float(v) for v in opts["guidance_interval"])
+  if opts["guidance"] != 0 and config.model.num_classes <= 0:
+    raise ValueError(f"guidance={opts['guidance']} needs a class-conditional model "
+                     "(config.model.num_classes > 0)")
+  return opts
+
+
 def make_sample_fn(model: RIN, config: ConfigDict, *, num_steps: int | None = None,
-                   sampler: str | None = None, out_sharding=None):
+                   sampler: str | None = None, out_sharding=None, **options):
   """(params, rng, labels [B]) -> images [B,H,W,C] in [-1, 1]; jitted.
 
+  options: schedule, time_delay, time_grid, guidance, guidance_interval, guidance_latents
+  (see sample_options; defaults from config.diffusion).
   out_sharding: e.g. a replicated NamedSharding, so every process can read the images.
   """
   d, m = config.diffusion, config.model
-  steps = num_steps or d.sample_steps
-  sampler = sampler or d.sampler
+  opts = sample_options(config, num_steps=num_steps, sampler=sampler, **options)
 
   @functools.partial(jax.jit, out_shardings=out_sharding)
   def sample_fn(params, rng, labels):
     b = labels.shape[0]
-    lab = labels if m.num_classes > 0 else None
-    denoise = lambda x_t, g, z: model.apply({"params": params}, x_t, g, lab, z, train=False)
+    denoise = lambda x_t, g, z, lab=None: model.apply({"params": params}, x_t, g, lab, z,
+                                                      train=False)
     return diffusion.sample(
-        denoise, rng, (b, m.image_size, m.image_size, m.channels), num_steps=steps,
-        schedule=d.sample_schedule, sampler=sampler, target=d.target,
-        latent_shape=(b, m.num_latents, m.latent_dim))
+        denoise, rng, (b, m.image_size, m.image_size, m.channels), target=d.target,
+        latent_shape=(b, m.num_latents, m.latent_dim),
+        labels=labels if m.num_classes > 0 else None, **opts)
 
   return sample_fn
+
+
+EVAL_PROTOCOLS = ("", "authors")
+
+
+def protocol_options(protocol: str, steps: int | None = None) -> dict:
+  """Sampler overrides of an evaluation protocol: "" (none) or "authors", the paper's FID
+  protocol: DDPM, cosine schedule, 1000 steps (or `steps`, e.g. 400), no guidance."""
+  if protocol not in EVAL_PROTOCOLS:
+    raise ValueError(f"unknown evaluation protocol {protocol!r}; expected one of "
+                     f"{EVAL_PROTOCOLS}")
+  if not protocol:
+    return {} if steps is None else {"num_steps": steps}
+  return dict(sampler="ddpm", schedule="cosine", num_steps=steps or 1000, time_delay=0.0,
+              time_grid="uniform", guidance=0.0)
+
+
+def eval_sample_options(config: ConfigDict, steps: int | None) -> dict:
+  """Sampling options of training-time evaluation: config.eval.protocol ("authors": the
+  paper's DDPM/cosine/config.eval.protocol_steps protocol) or config.eval.sample_steps."""
+  ev = config.get("eval", ConfigDict())
+  protocol = ev.get("protocol", "")
+  if protocol:
+    return protocol_options(protocol, ev.get("protocol_steps", 1000))
+  opts = protocol_options("", steps)
+  if ev.get("sampler"):          # "" = the diffusion sampler
+    opts["sampler"] = ev.sampler
+  return opts
 
 
 def draw_labels(rng, config: ConfigDict, n: int):
@@ -514,8 +587,9 @@ def train(config: ConfigDict, workdir: str, *, implementation: str | None = None
       if eval_sample_fn is None:
         evaluator = Evaluator(config, dataset) if distributed.is_primary() else None
         eval_sample_fn = make_sample_fn(
-            model, config, num_steps=ev_cfg.get("sample_steps", tc.sample_steps_during_training),
-            sampler=ev_cfg.get("sampler") or None, out_sharding=rep)
+            model, config, out_sharding=rep,
+            **eval_sample_options(config, ev_cfg.get("sample_steps",
+                                                     tc.sample_steps_during_training)))
       t0 = time.perf_counter()
       res, _ = evaluate(config, evaluator, eval_sample_fn, state.ema_params, seed=tc.seed + 2,
                         num_samples=ev_cfg.get("num_samples", 256),
