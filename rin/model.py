@@ -183,6 +183,36 @@ class RIN(nn.Module):
     return self._readout(x).astype(jnp.float32), z.astype(jnp.float32)
 
 
+def _same_padding(frames: int, tubelet_frames: int) -> tuple[int, int]:
+  """Frames TF's "SAME" adds before/after for a stride = kernel = pt conv over `frames`."""
+  pad = -frames % tubelet_frames
+  return pad // 2, pad - pad // 2
+
+
+def video_to_tubelets(x, tubelet_frames: int, patch_size: int):
+  """[B, F, H, W, C] -> [B, ceil(F/pt), H/p, W/p, pt*p*p*C], zero-padding the time axis as
+  "SAME" does; features ordered (frame, row, col, channel) within each tubelet."""
+  b, f, h, w, c = x.shape
+  pt, p = tubelet_frames, patch_size
+  before, after = _same_padding(f, pt)
+  if before or after:
+    x = jnp.pad(x, ((0, 0), (before, after), (0, 0), (0, 0), (0, 0)))
+  n = (f + before + after) // pt
+  x = x.reshape(b, n, pt, h // p, p, w // p, p, c).transpose(0, 1, 3, 5, 2, 4, 6, 7)
+  return x.reshape(b, n, h // p, w // p, pt * p * p * c)
+
+
+def tubelets_to_video(t, tubelet_frames: int, patch_size: int, channels: int, frames: int):
+  """Inverse of video_to_tubelets: [B, n, gh, gw, pt*p*p*C] -> [B, frames, H, W, C], dropping
+  the "SAME" padding frames."""
+  b, n, gh, gw, _ = t.shape
+  pt, p, c = tubelet_frames, patch_size, channels
+  x = t.reshape(b, n, gh, gw, pt, p, p, c).transpose(0, 1, 4, 2, 5, 3, 6, 7)
+  x = x.reshape(b, n * pt, gh * p, gw * p, c)
+  before, _ = _same_padding(frames, pt)
+  return x[:, before:before + frames]
+
+
 class TubeletStem(nn.Module):
   """The authors' video stem ``Conv3D(features, (pt, p, p), strides=(pt, p, p),
   padding="SAME")`` as space-time-to-depth and one matmul (see PatchStem for why no conv).
@@ -198,17 +228,13 @@ class TubeletStem(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    b, f, h, w, c = x.shape
+    c = x.shape[-1]
     pt, p = self.tubelet_frames, self.patch_size
     kernel = self.param("kernel", nn.initializers.xavier_uniform(), (pt, p, p, c, self.features))
     bias = self.param("bias", zeros, (self.features,))
     dt = self.dtype or x.dtype
-    pad = -f % pt
-    if pad:
-      x = jnp.pad(x, ((0, 0), (pad // 2, pad - pad // 2), (0, 0), (0, 0), (0, 0)))
-    n = (f + pad) // pt
-    tubes = x.reshape(b, n, pt, h // p, p, w // p, p, c).transpose(0, 1, 3, 5, 2, 4, 6, 7)
-    y = jnp.einsum("btijspqc,spqcf->btijf", tubes.astype(dt), kernel.astype(dt))
+    tubes = video_to_tubelets(x, pt, p).astype(dt)
+    y = jnp.einsum("btijk,kf->btijf", tubes, kernel.reshape(-1, self.features).astype(dt))
     return y + bias.astype(dt)
 
 
@@ -237,6 +263,8 @@ class VideoRIN(RIN):
   num_frames: int = 16
   cond_frames: int = 5
   tubelet_frames: int = 2
+  tubelet_padding: str = "same"        # "same": the authors' zero frames; "none": F - Fc and
+                                       # Fc must be multiples of tubelet_frames
   num_classes: int = 0
 
   @property
@@ -262,6 +290,14 @@ class VideoRIN(RIN):
     if self.cond_frames >= self.num_frames:
       raise ValueError(f"cond_frames={self.cond_frames} must be fewer than "
                        f"num_frames={self.num_frames} (at least one frame to predict)")
+    if self.tubelet_padding not in ("same", "none"):
+      raise ValueError(f"tubelet_padding must be 'same' or 'none', got {self.tubelet_padding!r}")
+    if self.tubelet_padding == "none":
+      for name, n in (("num_frames - cond_frames", self.pred_frames),
+                      ("cond_frames", self.cond_frames)):
+        if n % self.tubelet_frames:
+          raise ValueError(f"{name}={n} is not a multiple of tubelet_frames="
+                           f"{self.tubelet_frames} (tubelet_padding='none'; 'same' pads)")
     if self.num_classes:
       raise ValueError(f"VideoRIN conditions on frames, not classes: num_classes must be 0, "
                        f"got {self.num_classes}")
@@ -310,10 +346,7 @@ class VideoRIN(RIN):
     x = x[:, :n_t * g * g]
     out = Dense(pt * p * p * c, "readout", self.dtype)(
         LayerNorm(name="readout_ln", dtype=self.dtype)(x))
-    out = out.reshape(b, n_t, g, g, pt, p, p, c).transpose(0, 1, 4, 2, 5, 3, 6, 7)
-    out = out.reshape(b, n_t * pt, g * p, g * p, c)
-    lead = (-self.pred_frames % pt) // 2     # the stem's "SAME" padding frames before
-    return out[:, lead:lead + self.pred_frames]
+    return tubelets_to_video(out.reshape(b, n_t, g, g, -1), pt, p, c, self.pred_frames)
 
   @nn.compact
   def __call__(self, x_t, gamma, cond=None, prev_latents=None, *, train: bool = False):

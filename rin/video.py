@@ -61,6 +61,9 @@ def check_model_config(config: ConfigDict) -> None:
 
 def load_and_check_data(config: ConfigDict, split: str = "train") -> video_data.VideoDataset:
   check_model_config(config)
+  from rin.model import VideoRIN
+  model = VideoRIN(**config.model.to_dict())      # every model rule, before any data or file
+  jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *dummy_inputs(config)))
   m = config.model
   ds = video_data.load_video_dataset(config, split)
   if ds.num_frames != m.num_frames:
@@ -176,3 +179,44 @@ def write_training_samples(config: ConfigDict, sample_fn, params, rng, workdir: 
   path = os.path.join(workdir, "samples", f"step_{step:07d}.gif")
   save_video_gif(cond, np.asarray(pred), truth, path)
   return path
+
+
+def sample_and_write(config: ConfigDict, params, model, *, step: int, workdir: str, out: str,
+                     num_samples: int, seed: int = 0, num_steps=None, sampler=None,
+                     batch_size: int = 256, evaluate: bool = False) -> dict | None:
+  """rin.sample for video configs: predict the continuation of the first `num_samples` test
+  clips, write <out>.gif and <out>.npz (cond, predictions, truth in [-1, 1]); with
+  `evaluate`, the prediction metrics to <out>_metrics.json and <workdir>/metrics.jsonl."""
+  import json
+
+  from rin import logging_utils, video_metrics
+  from rin import train as train_lib
+  sample_fn = train_lib.make_sample_fn(model, config, num_steps=num_steps, sampler=sampler)
+  clips, positions = test_clips(config, num_samples)
+  fc = config.model.cond_frames
+  pred = predict(sample_fn, params, clips, seed=seed, batch_size=batch_size, cond_frames=fc)
+  cond, truth = split_clip(clips, fc)
+  save_video_gif(cond, pred, truth, out + ".gif")
+  np.savez(out + ".npz", cond=cond, predictions=pred, truth=truth)
+  print(f"wrote {len(pred)} predicted clips to {out}.gif and {out}.npz")
+  if not evaluate:
+    return None
+  ev = config.get("eval", ConfigDict())
+  crop_fd = None
+  if positions is not None and ev.get("digits", True):
+    crop_fd = video_metrics.DigitCropFD(config.data.get("digit_size", 8))
+  path = ev.get("fvd_network_path", "")
+  res = video_metrics.video_metrics(
+      pred, truth, cond, positions=None if positions is None else positions[:, fc:],
+      crop_fd=crop_fd, fvd=video_metrics.FVDEvaluator(path) if path else None)
+  res.update(num_samples=len(pred), sampler=sampler or config.diffusion.sampler,
+             sample_steps=num_steps or config.diffusion.sample_steps, checkpoint_step=step,
+             seed=seed)
+  with open(out + "_metrics.json", "w") as f:
+    json.dump(res, f, indent=2)
+  writer = logging_utils.MetricWriter(workdir)
+  writer.write(step, {k: v for k, v in res.items() if k != "sampler"}, prefix="sample/")
+  writer.close()
+  print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items()
+                    if not k.endswith("per_frame")}))
+  return res
