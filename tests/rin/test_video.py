@@ -189,6 +189,13 @@ KINETICS_N_SMALL_WIDTH = (1, 16, 64, 2304, 32, 2, 32, 2)   # Kinetics' 2304 toke
 KINETICS_BLOCK = (1, 256, 1024, 2304, 512, 16, 512, 4)     # rin/configs/kinetics600.py
 
 
+@pytest.fixture
+def float64_oracle():
+  """As tests/kernels/conftest.py: float64 for the reference, kernels still fp32."""
+  with jax.enable_x64(True):
+    yield
+
+
 @pytest.mark.usefixtures("float64_oracle")
 @pytest.mark.parametrize("direction", ["read", "write"])
 @pytest.mark.parametrize("shape", [MOVING_DIGITS_BLOCK, KINETICS_N_SMALL_WIDTH])
@@ -275,7 +282,7 @@ def test_video_folder_errors(tmp_path):
     video_data.load_video_folder(str(tmp_path / "missing"), num_frames=4, image_size=8)
   with pytest.raises(ValueError, match="config.data.path .* is required"):
     video_data.load_video_folder("", num_frames=4, image_size=8)
-  _write_gif(tmp_path / "short.gif", [np.zeros((8, 8, 3), np.uint8)] * 2)
+  _write_gif(tmp_path / "short.gif", [np.full((8, 8, 3), v, np.uint8) for v in (0, 200)])
   with pytest.raises(ValueError, match="has 2 frames, fewer than num_frames=4"):
     video_data.load_video_folder(str(tmp_path), num_frames=4, image_size=8)
   (tmp_path / "short.gif").unlink()
