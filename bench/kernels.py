@@ -65,6 +65,12 @@ CONFIGS = {
     "cifar10": Shape("cifar10", 128, 512, 256, 256, 8, 256, 2.0, 16),
     "imagenet64_p4": Shape("imagenet64_p4", 128, 768, 256, 512, 16, 512, 4.0, 16),
     "imagenet64_p8": Shape("imagenet64_p8", 128, 768, 64, 512, 16, 512, 4.0, 16),
+    # Video (rin/configs/kinetics600.py): 16 frames at 64x64, 5 conditioning, 2x4x4 tubelets
+    # -> (6 + 3) x 16 x 16 = 2304 interface tokens; "_n4096" is the same model at the
+    # 4096-token interface the issue names (16 x 16 x 16, e.g. 1x4x4 tubelets).
+    "kinetics600": Shape("kinetics600", 256, 1024, 2304, 512, 16, 512, 4.0, 16),
+    "kinetics600_n4096": Shape("kinetics600_n4096", 256, 1024, 4096, 512, 16, 512, 4.0, 16),
+    "moving_digits": Shape("moving_digits", 32, 96, 144, 64, 4, 64, 2.0, 4),
 }
 ATTENTION_OPS = ("latent_self_attention", "read_attention", "write_attention")
 BLOCK_OPS = ("read_block", "write_block")

@@ -11,7 +11,8 @@ peak memory (device memory_stats on GPU/TPU; on CPU XLA's compiled memory_analys
 the process peak RSS), and MFU = (compiled FLOPs per step / step time) / matmul ceiling
 measured in the same run. With --rin-pytorch (and the package installed) the same is
 measured for lucidrains' rin-pytorch at a matching configuration (differences listed
-in the output).
+in the output). Video configs (rin/configs/moving_digits.py, kinetics600.py) time whole
+clips: their "img/s" columns count videos per second (the row's "unit").
 
 Every candidate is compiled and warmed up first; then the timed steps run round-robin
 (one step of each candidate per round), because this shared 2-core VM has slow spells of tens of
@@ -95,13 +96,20 @@ def _flops(lowered) -> float | None:
   return float(f) if f and f > 0 else None
 
 
+def _is_video(config) -> bool:
+  return "num_frames" in config.model
+
+
 def _batches(config, batch: int, n: int):
   m = config.model
   out = []
+  # Video configs: whole clips [B, F, H, W, C] (conditioning frames first), so the rates
+  # below count videos per second.
+  shape = (batch,) + ((m.num_frames,) if _is_video(config) else ()) + (
+      m.image_size, m.image_size, m.channels)
   for i in range(n):
     k1, k2 = jax.random.split(jax.random.PRNGKey(100 + i))
-    img = jax.random.uniform(k1, (batch, m.image_size, m.image_size, m.channels),
-                             jnp.float32, -1.0, 1.0)
+    img = jax.random.uniform(k1, shape, jnp.float32, -1.0, 1.0)
     lab = jax.random.randint(k2, (batch,), 0, max(m.num_classes, 1), jnp.int32)
     out.append({"image": img, "label": lab})
   return out
@@ -125,6 +133,7 @@ def prepare_jax(config, impl: str, batch: int, *, interpret: bool = False) -> Ca
   """Compiles (timed) and warms up rin/train.py's step and a sampling step for `impl`."""
   from rin import train as rt
   row = {"framework": "jax", "implementation": impl, "batch": batch,
+         "unit": "videos" if _is_video(config) else "images",
          "compute_dtype": config.train.get("dtype") or "float32",
          "onednn_dots": xla_cpu.onednn_dots_requested() if jax.default_backend() == "cpu"
          else None, "freed_memory_kept": xla_cpu.freed_memory_kept()}
@@ -150,12 +159,16 @@ def prepare_jax(config, impl: str, batch: int, *, interpret: bool = False) -> Ca
   # One sampling step: a denoiser call with carried latents (eval mode, EMA weights).
   m = config.model
   lab = batches[0]["label"] if m.num_classes > 0 else None
+  x_shape = batches[0]["image"].shape
+  if _is_video(config):   # the conditioning frames take the labels' slot (rin.video)
+    lab = batches[0]["image"][:, :m.cond_frames]
+    x_shape = (batch, m.num_frames - m.cond_frames) + x_shape[2:]
 
   @jax.jit
   def sample_fn(params, x_t, gamma, z):
     out, z = model.apply({"params": params}, x_t, gamma, lab, z, train=False)
     return out, z
-  x_t = jax.random.normal(jax.random.PRNGKey(7), batches[0]["image"].shape)
+  x_t = jax.random.normal(jax.random.PRNGKey(7), x_shape)
   gamma = jnp.full((batch,), 0.5)
   live["z"] = jnp.zeros((batch, m.num_latents, m.latent_dim), jnp.float32)
   t0 = time.perf_counter()
@@ -358,7 +371,7 @@ def prepare_rin_pytorch(config, batch: int, compute_dtype: str = "float32") -> C
 # ----------------------------------------------------------------------------
 
 COLUMNS = [("implementation", "implementation"), ("compute_dtype", "compute"),
-           ("batch", "B"), ("params", "params"),
+           ("batch", "B"), ("params", "params"), ("unit", "per-s unit"),
            ("train_images_per_s", "train img/s"), ("train_median_s", "train step s"),
            ("train_iqr_s", "IQR s"), ("train_compile_s", "train compile s"),
            ("train_gflops", "GFLOP/step"), ("train_mfu_pct", "train MFU %"),
@@ -446,7 +459,8 @@ def main(argv=None) -> dict:
 
   # rin-pytorch first, so that its peak RSS is read before our programs exist.
   if args.rin_pytorch:
-    why = rin_pytorch_available()
+    why = rin_pytorch_available() or (
+        "rin-pytorch has no video model" if _is_video(config) else None)
     if why:
       rows.append({"framework": "torch", "implementation": "rin-pytorch", "batch": args.batch,
                    "status": "unavailable", "note": why})
@@ -501,10 +515,11 @@ def main(argv=None) -> dict:
 def _summary(r: dict) -> str:
   if r.get("status") != "ok":
     return f"{r.get('status')}: {r.get('note')}"
-  return (f"train {r['train_images_per_s']:.2f} img/s (step {r['train_step']['median_s']:.2f}s, "
+  u = "videos/s" if r.get("unit") == "videos" else "img/s"
+  return (f"train {r['train_images_per_s']:.2f} {u} (step {r['train_step']['median_s']:.2f}s, "
           f"compile {r.get('train_compile_s', float('nan')):.1f}s, MFU "
           f"{r.get('train_mfu_pct', float('nan')):.1f}%), sample-step "
-          f"{r['sample_images_per_s']:.1f} img/s, load {r.get('train_load')}")
+          f"{r['sample_images_per_s']:.1f} {u}, load {r.get('train_load')}")
 
 
 def _paired_ratio(r: dict, base: dict, kind: str) -> float | None:

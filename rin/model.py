@@ -128,23 +128,20 @@ class RIN(nn.Module):
       raise ValueError(f"num_latents={self.num_latents} must exceed the {num_tokens} "
                        f"time/class tokens")
 
-  @nn.compact
-  def __call__(self, x_t, gamma, labels=None, prev_latents=None, *, train: bool = False):
-    """x_t: noisy images [B, H, W, C]; gamma: signal variance [B]; labels: int [B];
-    prev_latents: [B, M, D] or None (zeros). Returns (prediction [B,H,W,C], latents)."""
-    self._check_inputs(x_t, gamma, labels)
-    b = x_t.shape[0]
-    p, t_dim, d, m = self.patch_size, self.interface_dim, self.latent_dim, self.num_latents
-    dt = self.dtype or jnp.float32
-    g = self.image_size // p
-
-    # Interface: patch stem, LN, learned positions.
-    x = PatchStem(t_dim, p, dtype=self.dtype, name="stem")(x_t.astype(dt))
-    x = x.reshape(b, g * g, t_dim)
+  # The model in four steps; a subclass (VideoRIN) replaces the input checks, the stem and
+  # the readout and shares everything else (latents, self-conditioning, blocks).
+  def _interface(self, x_t):
+    """Noisy images -> interface tokens [B, N, T]: patch stem, LN, learned positions."""
+    b, g = x_t.shape[0], self.image_size // self.patch_size
+    x = PatchStem(self.interface_dim, self.patch_size, dtype=self.dtype, name="stem")(x_t)
+    x = x.reshape(b, g * g, self.interface_dim)
     x = LayerNorm(name="stem_ln", dtype=self.dtype)(x)
-    x = x + self.param("pos_interface", pos_init, (g * g, t_dim)).astype(x.dtype)
+    return x + self.param("pos_interface", pos_init, (g * g, self.interface_dim)).astype(x.dtype)
 
-    # Latents: learned positions, time token, class token.
+  def _latents(self, b, gamma, labels, prev_latents):
+    """[pos_z ; time token ; class token] plus latent self-conditioning -> z [B, M, D]."""
+    d, m = self.latent_dim, self.num_latents
+    dt = self.dtype or jnp.float32
     num_pos = m - 1 - (self.num_classes > 0)
     tokens = [jnp.broadcast_to(self.param("pos_latents", pos_init, (num_pos, d)), (b, num_pos, d))]
     temb = timestep_embedding(gamma, d // 4)
@@ -164,9 +161,10 @@ class RIN(nn.Module):
     prev = prev_latents.astype(dt)
     prev = prev + MLP(self.self_cond_mlp_ratio, dtype=self.dtype, name="self_cond_mlp")(
         LayerNorm(name="self_cond_ln", dtype=self.dtype)(prev))
-    z = z + LayerNorm(name="self_cond_ln0", scale_init=zeros, bias_init=zeros,
-                      dtype=self.dtype)(prev)
+    return z + LayerNorm(name="self_cond_ln0", scale_init=zeros, bias_init=zeros,
+                         dtype=self.dtype)(prev)
 
+  def _blocks(self, z, x, train: bool):
     for i, layers in enumerate(self._layers_per_block()):
       z, x = RINBlock(latent_layers=layers, latent_heads=self.latent_heads,
                       latent_mlp_ratio=self.latent_mlp_ratio, rw_heads=self.rw_heads,
@@ -176,11 +174,199 @@ class RIN(nn.Module):
                       block_sizes=self.block_sizes, attention_init=self.attention_init,
                       name=f"block_{i}")(
                           z, x, deterministic=not train)
+    return z, x
 
-    # Readout: LN, Dense to p*p*C, depth-to-space.
-    c = self.channels
+  def _readout(self, x):
+    """LN, Dense to p*p*C, depth-to-space -> [B, H, W, C]."""
+    b, p, c, g = x.shape[0], self.patch_size, self.channels, self.image_size // self.patch_size
     out = Dense(p * p * c, "readout", self.dtype)(LayerNorm(name="readout_ln", dtype=self.dtype)(x))
     out = out.reshape(b, g, g, p, p, c).transpose(0, 1, 3, 2, 4, 5)
-    out = out.reshape(b, g * p, g * p, c)
+    return out.reshape(b, g * p, g * p, c)
+
+  @nn.compact
+  def __call__(self, x_t, gamma, labels=None, prev_latents=None, *, train: bool = False):
+    """x_t: noisy images [B, H, W, C]; gamma: signal variance [B]; labels: int [B];
+    prev_latents: [B, M, D] or None (zeros). Returns (prediction [B,H,W,C], latents)."""
+    self._check_inputs(x_t, gamma, labels)
+    x = self._interface(x_t.astype(self.dtype or jnp.float32))
+    z = self._latents(x_t.shape[0], gamma, labels, prev_latents)
+    z, x = self._blocks(z, x, train)
     # float32 outputs whatever the compute dtype, so carried latents keep one type.
-    return out.astype(jnp.float32), z.astype(jnp.float32)
+    return self._readout(x).astype(jnp.float32), z.astype(jnp.float32)
+
+
+def _same_padding(frames: int, tubelet_frames: int) -> tuple[int, int]:
+  """Frames TF's "SAME" adds before/after for a stride = kernel = pt conv over `frames`."""
+  pad = -frames % tubelet_frames
+  return pad // 2, pad - pad // 2
+
+
+def video_to_tubelets(x, tubelet_frames: int, patch_size: int):
+  """[B, F, H, W, C] -> [B, ceil(F/pt), H/p, W/p, pt*p*p*C], zero-padding the time axis as
+  "SAME" does; features ordered (frame, row, col, channel) within each tubelet."""
+  b, f, h, w, c = x.shape
+  pt, p = tubelet_frames, patch_size
+  before, after = _same_padding(f, pt)
+  if before or after:
+    x = jnp.pad(x, ((0, 0), (before, after), (0, 0), (0, 0), (0, 0)))
+  n = (f + before + after) // pt
+  x = x.reshape(b, n, pt, h // p, p, w // p, p, c).transpose(0, 1, 3, 5, 2, 4, 6, 7)
+  return x.reshape(b, n, h // p, w // p, pt * p * p * c)
+
+
+def tubelets_to_video(t, tubelet_frames: int, patch_size: int, channels: int, frames: int):
+  """Inverse of video_to_tubelets: [B, n, gh, gw, pt*p*p*C] -> [B, frames, H, W, C], dropping
+  the "SAME" padding frames."""
+  b, n, gh, gw, _ = t.shape
+  pt, p, c = tubelet_frames, patch_size, channels
+  x = t.reshape(b, n, gh, gw, pt, p, p, c).transpose(0, 1, 4, 2, 5, 3, 6, 7)
+  x = x.reshape(b, n * pt, gh * p, gw * p, c)
+  before, _ = _same_padding(frames, pt)
+  return x[:, before:before + frames]
+
+
+class TubeletStem(nn.Module):
+  """The authors' video stem ``Conv3D(features, (pt, p, p), strides=(pt, p, p),
+  padding="SAME")`` as space-time-to-depth and one matmul (see PatchStem for why no conv).
+
+  Parameters "kernel" [pt, p, p, C, F] and "bias" [F]. Frame counts that are not a multiple
+  of pt are zero-padded as TF's "SAME" pads a stride-equals-kernel conv: the pt - n % pt
+  missing frames split floor/ceil before/after (all after for pt = 2).
+  """
+  features: int
+  tubelet_frames: int
+  patch_size: int
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    pt, p = self.tubelet_frames, self.patch_size
+    kernel = self.param("kernel", nn.initializers.xavier_uniform(), (pt, p, p, c, self.features))
+    bias = self.param("bias", zeros, (self.features,))
+    dt = self.dtype or x.dtype
+    tubes = video_to_tubelets(x, pt, p).astype(dt)
+    y = jnp.einsum("btijk,kf->btijf", tubes, kernel.reshape(-1, self.features).astype(dt))
+    return y + bias.astype(dt)
+
+
+class VideoRIN(RIN):
+  """RIN for video prediction, as the authors' ``VideoTapeDenoiser`` computes it.
+
+      x = LN(TubeletStem(noisy frames)) + pos[:Nx]          # the frames to predict
+      c = LN(TubeletStem(conditioning frames)) + pos[Nx:]   # same stem, LN and position table
+      interface = concat(x, c)        # one tape: every block reads and writes both parts
+      z = latents as in RIN (time token; no class token) ; blocks as in RIN
+      out = readout(LN(interface[:, :Nx])) -> frames        # the noisy part only
+
+  Called as ``model(x_t [B, F - Fc, H, W, C], gamma [B], cond [B, Fc, H, W, C],
+  prev_latents)``: the third argument (the class labels' slot in RIN, the authors' ``cond``)
+  holds the clean conditioning frames. Fields beyond RIN's: ``num_frames`` F (the whole
+  clip), ``cond_frames`` Fc, ``tubelet_frames`` pt (the stem's temporal stride; the paper's
+  2x4x4 tubelets are pt=2, patch_size=4).
+
+  Departure from the authors' code, explicit: they size the position table from
+  ``(F - Fc) % pt + Fc % pt`` padding frames, which equals the "SAME" padding only for
+  pt <= 2; here it is sized ceil((F - Fc) / pt) + ceil(Fc / pt) time steps, what the stem
+  emits, so pt > 2 also works (identical tables for pt <= 2). The readout applies LN+Dense to
+  the noisy tokens only; the authors apply it to the whole tape and then drop the
+  conditioning frames, the same numbers (both are token-wise).
+  """
+  num_frames: int = 16
+  cond_frames: int = 5
+  tubelet_frames: int = 2
+  tubelet_padding: str = "same"        # "same": the authors' zero frames; "none": F - Fc and
+                                       # Fc must be multiples of tubelet_frames
+  num_classes: int = 0
+
+  @property
+  def pred_frames(self) -> int:
+    return self.num_frames - self.cond_frames
+
+  def _time_steps(self, frames: int) -> int:
+    return -(-frames // self.tubelet_frames)
+
+  @property
+  def num_patches(self) -> int:
+    g = self.image_size // self.patch_size
+    return (self._time_steps(self.pred_frames) + self._time_steps(self.cond_frames)) * g * g
+
+  def _check_inputs(self, x_t, gamma, cond):
+    for name in ("num_frames", "tubelet_frames"):
+      v = getattr(self, name)
+      if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    if isinstance(self.cond_frames, bool) or not isinstance(self.cond_frames, int) \
+        or self.cond_frames < 0:
+      raise ValueError(f"cond_frames must be an integer >= 0, got {self.cond_frames!r}")
+    if self.cond_frames >= self.num_frames:
+      raise ValueError(f"cond_frames={self.cond_frames} must be fewer than "
+                       f"num_frames={self.num_frames} (at least one frame to predict)")
+    if self.tubelet_padding not in ("same", "none"):
+      raise ValueError(f"tubelet_padding must be 'same' or 'none', got {self.tubelet_padding!r}")
+    if self.tubelet_padding == "none":
+      for name, n in (("num_frames - cond_frames", self.pred_frames),
+                      ("cond_frames", self.cond_frames)):
+        if n % self.tubelet_frames:
+          raise ValueError(f"{name}={n} is not a multiple of tubelet_frames="
+                           f"{self.tubelet_frames} (tubelet_padding='none'; 'same' pads)")
+    if self.num_classes:
+      raise ValueError(f"VideoRIN conditions on frames, not classes: num_classes must be 0, "
+                       f"got {self.num_classes}")
+    if self.image_size % self.patch_size:
+      raise ValueError(f"image_size={self.image_size} is not divisible by "
+                       f"patch_size={self.patch_size}")
+    frame = (self.image_size, self.image_size, self.channels)
+    if x_t.ndim != 5 or tuple(x_t.shape[1:]) != (self.pred_frames,) + frame:
+      raise ValueError(
+          f"noisy frames must be [batch, num_frames - cond_frames, H, W, C] = "
+          f"[B, {self.pred_frames}, {', '.join(map(str, frame))}] (num_frames={self.num_frames}, "
+          f"cond_frames={self.cond_frames}, image_size={self.image_size}, "
+          f"channels={self.channels}), got {x_t.shape}")
+    b = x_t.shape[0]
+    if gamma.shape != (b,):
+      raise ValueError(f"gamma must have shape [batch]={(b,)}, got {gamma.shape}")
+    if self.cond_frames:
+      want = (b, self.cond_frames) + frame
+      if cond is None or tuple(cond.shape) != want:
+        raise ValueError(f"cond (the conditioning frames) must have shape {list(want)} "
+                         f"(cond_frames={self.cond_frames}), got "
+                         f"{None if cond is None else cond.shape}")
+    elif cond is not None and cond.shape[1] != 0:
+      raise ValueError(f"cond_frames=0 but cond of shape {cond.shape} was given")
+    if self.num_latents <= 1:
+      raise ValueError(f"num_latents={self.num_latents} must exceed the 1 time token")
+
+  def _interface(self, x_t, cond=None):
+    b, g, t_dim = x_t.shape[0], self.image_size // self.patch_size, self.interface_dim
+    stem = TubeletStem(t_dim, self.tubelet_frames, self.patch_size, dtype=self.dtype, name="stem")
+    ln = LayerNorm(name="stem_ln", dtype=self.dtype)
+    pos = self.param("pos_interface", pos_init, (self.num_patches, t_dim))
+    parts = [x_t] + ([cond] if self.cond_frames else [])
+    tokens, offset = [], 0
+    for frames in parts:
+      y = stem(frames)
+      y = y.reshape(b, -1, t_dim)
+      n = y.shape[1]
+      tokens.append(ln(y) + pos[offset:offset + n].astype(y.dtype))
+      offset += n
+    return jnp.concatenate(tokens, axis=1) if len(tokens) > 1 else tokens[0]
+
+  def _readout(self, x):
+    b, p, c, pt = x.shape[0], self.patch_size, self.channels, self.tubelet_frames
+    g, n_t = self.image_size // p, self._time_steps(self.pred_frames)
+    x = x[:, :n_t * g * g]
+    out = Dense(pt * p * p * c, "readout", self.dtype)(
+        LayerNorm(name="readout_ln", dtype=self.dtype)(x))
+    return tubelets_to_video(out.reshape(b, n_t, g, g, -1), pt, p, c, self.pred_frames)
+
+  @nn.compact
+  def __call__(self, x_t, gamma, cond=None, prev_latents=None, *, train: bool = False):
+    """x_t: noisy frames [B, F-Fc, H, W, C]; gamma [B]; cond: clean conditioning frames
+    [B, Fc, H, W, C]; prev_latents [B, M, D] or None. Returns (prediction, latents)."""
+    self._check_inputs(x_t, gamma, cond)
+    dt = self.dtype or jnp.float32
+    x = self._interface(x_t.astype(dt), None if cond is None else cond.astype(dt))
+    z = self._latents(x_t.shape[0], gamma, None, prev_latents)
+    z, x = self._blocks(z, x, train)
+    return self._readout(x).astype(jnp.float32), z.astype(jnp.float32)

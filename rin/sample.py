@@ -5,6 +5,10 @@ images (labels given with --label or drawn uniformly), writes a PNG grid and an 
 Samplers: --sampler ddpm|ddim|dpmpp_2m at any --steps, --time_grid uniform|logsnr,
 --time_delay (the authors' td), --guidance W (classifier-free, with --guidance_interval);
 --protocol authors samples as the paper's FID protocol (DDPM, cosine, 1000 steps).
+Video configs (rin/configs/moving_digits.py): predicts the continuation of the first
+--num_samples test clips from their conditioning frames, writes an animated GIF grid
+(prediction beside ground truth) and an .npz; --eval reports per-frame PSNR/SSIM, the digit
+crop Frechet distance and the copy-last-frame baseline (rin.video).
 With --eval, scores the samples (the digits metric on digits data; FID/IS when
 config.eval.inception_path names Inception weights), prints the numbers, writes them to
 <out>_metrics.json and appends them to <workdir>/metrics.jsonl as "sample/..." records.
@@ -22,6 +26,7 @@ from ml_collections import config_flags
 
 from rin import diffusion
 from rin import train as train_lib
+from rin import video as video_lib
 from rin import xla_cpu
 
 _CONFIG = config_flags.DEFINE_config_file("config", "rin/configs/digits.py", "Config file.")
@@ -114,6 +119,17 @@ def main(argv):
   xla_cpu.configure(config.train.get("dtype"))
   model = train_lib.create_model(config, implementation=_IMPL.value, interpret=_INTERPRET.value)
   params, step = load_ema_params(config, _WORKDIR.value, model)
+  out = _OUT.value or os.path.join(_WORKDIR.value, "samples", f"final_step{step}")
+  if video_lib.is_video(config):     # predictions of the test clips' continuations
+    if _LABEL.value is not None:
+      raise ValueError("--label: video configs condition on frames, not class labels")
+    if _GUIDANCE.value:
+      raise ValueError("--guidance: video configs condition on frames, not class labels")
+    video_lib.sample_and_write(config, params, model, step=step, workdir=_WORKDIR.value,
+                               out=out, num_samples=_NUM.value, seed=_SEED.value,
+                               num_steps=_STEPS.value, sampler=_SAMPLER.value,
+                               batch_size=_BATCH.value, evaluate=_EVAL.value)
+    return
   options = dict(sampler=_SAMPLER.value, schedule=_SCHEDULE.value, time_grid=_TIME_GRID.value,
                  time_delay=_TIME_DELAY.value, guidance=_GUIDANCE.value,
                  guidance_latents=_GUIDANCE_LATENTS.value, num_steps=_STEPS.value)
@@ -125,7 +141,6 @@ def main(argv):
   options = train_lib.sample_options(config, **options)
   images, labels = generate(config, params, model, num_samples=_NUM.value, seed=_SEED.value,
                             label=_LABEL.value, batch_size=_BATCH.value, **options)
-  out = _OUT.value or os.path.join(_WORKDIR.value, "samples", f"final_step{step}")
   train_lib.save_image_grid(images, out + ".png")
   np.savez(out + ".npz", images=images, labels=labels)
   print(f"wrote {len(images)} samples to {out}.png and {out}.npz")

@@ -48,8 +48,9 @@ from rin import data as data_lib
 from rin import diffusion
 from rin import distributed
 from rin import logging_utils
+from rin import video as video_lib
 from rin import xla_cpu
-from rin.model import RIN
+from rin.model import RIN, VideoRIN
 from rin.optim import learning_rate_schedule, make_optimizer
 
 
@@ -70,11 +71,14 @@ def create_model(config: ConfigDict, *, implementation: str | None = None,
                  interpret: bool = False) -> RIN:
   """The RIN of `config.model`; implementation defaults to config.train.implementation."""
   impl = implementation or config.train.get("implementation") or None
-  return RIN(**config.model.to_dict(), implementation=impl, interpret=interpret,
+  cls = VideoRIN if video_lib.is_video(config) else RIN
+  return cls(**config.model.to_dict(), implementation=impl, interpret=interpret,
              dtype=_dtype(config.train.get("dtype")))
 
 
 def _dummy_inputs(config: ConfigDict, batch: int = 1):
+  if video_lib.is_video(config):
+    return video_lib.dummy_inputs(config, batch)
   m = config.model
   x = jnp.zeros((batch, m.image_size, m.image_size, m.channels), jnp.float32)
   return x, jnp.ones((batch,), jnp.float32), jnp.zeros((batch,), jnp.int32)
@@ -198,14 +202,16 @@ def loss_and_metrics(params, model: RIN, config: ConfigDict, batch, rng, *, mesh
   apply = make_apply(model, mesh, dropout_rng=dropout_rng_impl(config),
                      chunks=batch_chunks(config, mesh))
   x0, labels = batch["image"], batch["label"]
+  if video_lib.is_video(config):   # the conditioning frames take the labels' argument slot
+    labels, x0 = video_lib.split_clip(x0, config.model.cond_frames)
   b = x0.shape[0]
   r_t, r_eps, r_keep, r_drop1, r_drop2 = jax.random.split(rng, 5)
   gamma = diffusion.get_schedule(d.train_schedule)(jax.random.uniform(r_t, (b,)))
   eps = jax.random.normal(r_eps, x0.shape, jnp.float32)
   x_t = diffusion.add_noise(x0, eps, gamma)
-  num_labels = labels if config.model.num_classes > 0 else None
+  num_labels = labels if config.model.num_classes > 0 or video_lib.is_video(config) else None
   cond_dropout = d.get("cond_dropout", 0.0)
-  if num_labels is not None and cond_dropout > 0:
+  if config.model.num_classes > 0 and cond_dropout > 0:
     # Classifier-free guidance training: per example, the label is replaced by the
     # unconditional token (a zero one-hot, as the authors' labels * 0) with probability
     # cond_dropout. Its key is folded off `rng` and only drawn here, so cond_dropout = 0
@@ -282,7 +288,8 @@ def sample_options(config: ConfigDict, **overrides) -> dict:
 
 def make_sample_fn(model: RIN, config: ConfigDict, *, num_steps: int | None = None,
                    sampler: str | None = None, out_sharding=None, **options):
-  """(params, rng, labels [B]) -> images [B,H,W,C] in [-1, 1]; jitted.
+  """(params, rng, labels [B]) -> images [B,H,W,C] in [-1, 1]; jitted. Video configs:
+  (params, rng, conditioning frames [B,Fc,H,W,C]) -> predicted frames [B,F-Fc,H,W,C].
 
   options: schedule, time_delay, time_grid, guidance, guidance_interval, guidance_latents
   (see sample_options; defaults from config.diffusion).
@@ -294,11 +301,21 @@ def make_sample_fn(model: RIN, config: ConfigDict, *, num_steps: int | None = No
   @functools.partial(jax.jit, out_shardings=out_sharding)
   def sample_fn(params, rng, labels):
     b = labels.shape[0]
+    shape = (b, m.image_size, m.image_size, m.channels)
+    if video_lib.is_video(config):
+      # The conditioning frames ride in the labels slot; guidance needs class labels.
+      if opts["guidance"]:
+        raise ValueError("guidance needs a class-conditional image model; video configs "
+                         "condition on frames")
+      shape = shape[:1] + (video_lib.pred_frames(config),) + shape[1:]
+      denoise = lambda x_t, g, z, lab=None: model.apply({"params": params}, x_t, g, labels, z,
+                                                        train=False)
+      return diffusion.sample(denoise, rng, shape, target=d.target,
+                              latent_shape=(b, m.num_latents, m.latent_dim), **opts)
     denoise = lambda x_t, g, z, lab=None: model.apply({"params": params}, x_t, g, lab, z,
                                                       train=False)
     return diffusion.sample(
-        denoise, rng, (b, m.image_size, m.image_size, m.channels), target=d.target,
-        latent_shape=(b, m.num_latents, m.latent_dim),
+        denoise, rng, shape, target=d.target, latent_shape=(b, m.num_latents, m.latent_dim),
         labels=labels if m.num_classes > 0 else None, **opts)
 
   return sample_fn
@@ -376,6 +393,8 @@ def save_image_grid(images, path: str) -> None:
 
 def has_eval_metric(config: ConfigDict) -> bool:
   """Whether Evaluator(config) has any metric (same answer on every process)."""
+  if video_lib.is_video(config):
+    return True     # prediction vs the true continuation needs no download
   ev = config.get("eval", ConfigDict())
   digits = (config.data.name == "digits" and config.model.channels == 1
             and ev.get("digits", True))
@@ -465,6 +484,8 @@ def evaluate(config: ConfigDict, evaluator, sample_fn, params, *, seed: int,
 # ----------------------------------------------------------------------------
 
 def load_and_check_data(config: ConfigDict):
+  if video_lib.is_video(config):
+    return video_lib.load_and_check_data(config)
   m = config.model
   if m.image_size % m.patch_size:
     raise ValueError(f"config.model.image_size={m.image_size} is not divisible by "
@@ -585,15 +606,20 @@ def train(config: ConfigDict, workdir: str, *, implementation: str | None = None
     def run_eval(step_now):
       nonlocal evaluator, eval_sample_fn
       if eval_sample_fn is None:
-        evaluator = Evaluator(config, dataset) if distributed.is_primary() else None
+        evaluator = (video_lib.VideoEvaluator(config) if video_lib.is_video(config) else
+                     Evaluator(config, dataset)) if distributed.is_primary() else None
         eval_sample_fn = make_sample_fn(
             model, config, out_sharding=rep,
             **eval_sample_options(config, ev_cfg.get("sample_steps",
                                                      tc.sample_steps_during_training)))
       t0 = time.perf_counter()
-      res, _ = evaluate(config, evaluator, eval_sample_fn, state.ema_params, seed=tc.seed + 2,
-                        num_samples=ev_cfg.get("num_samples", 256),
-                        batch_size=ev_cfg.get("batch_size", 256))
+      if video_lib.is_video(config):
+        res, _ = evaluator(eval_sample_fn, state.ema_params, seed=tc.seed + 2,
+                           batch_size=ev_cfg.get("batch_size", 256))
+      else:
+        res, _ = evaluate(config, evaluator, eval_sample_fn, state.ema_params, seed=tc.seed + 2,
+                          num_samples=ev_cfg.get("num_samples", 256),
+                          batch_size=ev_cfg.get("batch_size", 256))
       if res:
         res["eval_seconds"] = time.perf_counter() - t0
         writer.write(step_now, res, prefix="eval/")
@@ -676,6 +702,10 @@ def train(config: ConfigDict, workdir: str, *, implementation: str | None = None
         run_eval(done)
       if tc.num_sample_images > 0 and (done % tc.sample_every == 0 or done == tc.num_steps):
         rng = jax.random.PRNGKey(tc.seed + 1)
+        if video_lib.is_video(config):
+          video_lib.write_training_samples(config, sample_fn, state.ema_params, rng, workdir,
+                                           done, writer)
+          continue
         labels = draw_labels(rng, config, tc.num_sample_images)
         images = distributed.to_host(sample_fn(state.ema_params, rng, labels))
         if distributed.is_primary():
