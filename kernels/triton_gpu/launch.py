@@ -59,6 +59,22 @@ class LaunchRecord:
 
 _RECORDING: list | None = None
 _INTERP_LOCK = threading.Lock()
+_CACHES: list = []
+
+
+def cached(fn):
+  """functools.lru_cache that `clear_caches()` empties (the per-configuration units)."""
+  fn = functools.lru_cache(maxsize=None)(fn)
+  _CACHES.append(fn)
+  return fn
+
+
+def clear_caches():
+  """Forgets every built unit (and jax's traces), so that the next trace launches again:
+  `record_launches()` sees only launches that are traced, not ones served from a cache."""
+  for fn in _CACHES:
+    fn.cache_clear()
+  jax.clear_caches()
 
 
 @contextlib.contextmanager
