@@ -28,6 +28,7 @@ import contextlib
 import dataclasses
 import functools
 import inspect
+import logging
 import threading
 import types
 import warnings
@@ -60,6 +61,7 @@ class LaunchRecord:
 _RECORDING: list | None = None
 _INTERP_LOCK = threading.Lock()
 _CACHES: list = []
+_LAX_MAP_LOGGED: set = set()
 
 
 def cached(fn):
@@ -102,8 +104,8 @@ def _clone(fn, globs):
 def _interpreted_globals(module_globals: dict, memo: dict) -> dict:
   """A copy of a module's globals in which every @triton.jit function is interpreted.
 
-  A helper imported from another module (kernels/triton_gpu/tl_helpers.py) is cloned over
-  *its own* module's globals, so it resolves its names where it was defined."""
+  A helper imported from another module is cloned over *its own* module's globals, so it
+  resolves its names where it was defined."""
   from triton.runtime.interpreter import InterpretedFunction
   key = id(module_globals)
   if key in memo:
@@ -283,6 +285,11 @@ def vmappable(fn: Callable, foldable: Sequence[bool]):
       outs = wrapped(*folded)
       outs = tuple(o.reshape((axis_size, o.shape[0] // axis_size) + o.shape[1:]) for o in outs)
     else:
+      name = getattr(fn, "func", fn).__name__
+      if name not in _LAX_MAP_LOGGED:
+        _LAX_MAP_LOGGED.add(name)
+        logging.warning("triton: vmap over an operand that cannot fold into the kernel grid "
+                        "(a weight) in %s: running the batch as a sequential lax.map", name)
       bargs = [a if b else jnp.broadcast_to(a, (axis_size,) + a.shape)
                for a, b in zip(args, in_batched)]
       outs = jax.lax.map(lambda xs: wrapped(*xs), tuple(bargs))
