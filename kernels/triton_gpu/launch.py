@@ -19,8 +19,9 @@ into the kernel's leading (batch or row) axis, or falls back to `lax.map` when a
 operand that cannot be folded (a weight) is batched.
 
 `record_launches()` turns launches into shape-only stubs and records each one
-(kernel, operand dtypes, constexprs, warps, stages): the compile report uses it to
-find every kernel variant a model shape needs without running anything.
+(kernel, grid, operand dtypes and shapes, constexprs, warps, stages): the compile report
+(bench/triton_compile_report.py) and the estimate (bench/triton_estimate.py) use it to
+find every kernel variant a step needs without running anything.
 """
 from __future__ import annotations
 
@@ -56,6 +57,8 @@ class LaunchRecord:
   constexprs: tuple  # sorted (name, value)
   num_warps: int
   num_stages: int
+  in_shapes: tuple = ()
+  out_shapes: tuple = ()
 
 
 _RECORDING: list | None = None
@@ -241,7 +244,8 @@ def launch(kernel, grid: Sequence[int], inputs: Sequence[jax.Array],
     _RECORDING.append(LaunchRecord(
         kernel, grid, tuple(jnp.dtype(x.dtype).name for x in inputs),
         tuple(s.dtype.name for s in out_shapes), tuple(sorted(constexprs.items())),
-        num_warps, num_stages))
+        num_warps, num_stages, tuple(tuple(x.shape) for x in inputs),
+        tuple(tuple(s.shape) for s in out_shapes)))
     return tuple(jnp.zeros(s.shape, s.dtype) for s in out_shapes)
   if interpret:
     return _interpret_launch(kernel, grid, inputs, out_shapes, constexprs)

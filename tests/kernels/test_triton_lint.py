@@ -65,3 +65,38 @@ def test_ctas_per_sm_from_registers_smem_and_warps():
   assert _row(regs=128, num_warps=4, shared_bytes=20000).ctas_per_sm == 4    # registers
   assert _row(regs=32, num_warps=4, shared_bytes=100_000).ctas_per_sm == 2   # smem
   assert _row(regs=32, num_warps=8, shared_bytes=0).ctas_per_sm == 8         # warps
+
+
+def test_int64_base_offsets_in_compiled_ttir():
+  """B=1024, N=16384, W=256: 4.3e9 elements, beyond int32. The compiled TTIR of the
+  attention forward and the fused read must offset their base pointers with i64."""
+  import re
+  import jax
+  import jax.numpy as jnp
+  from kernels import triton_gpu as tg
+  from kernels.params import ReadBlockParams
+  from kernels.triton_gpu.launch import clear_caches, record_launches
+  sds = jax.ShapeDtypeStruct
+  big = sds((1024, 16384, 8, 32), jnp.bfloat16)
+  lat = sds((1024, 128, 8, 32), jnp.bfloat16)
+  w = lambda *s: sds(s, jnp.float32)
+  p = ReadBlockParams(w(512), w(512), w(512, 256), w(256), w(256, 256), w(256), w(256, 256),
+                      w(256), w(256, 512), w(512))
+  clear_caches()
+  with record_launches() as recs:
+    jax.make_jaxpr(lambda q, k: tg.cross_attention(q, k, k))(big, lat)     # write direction
+    jax.make_jaxpr(lambda z, x, p: tg.read_block(z, x, p, num_heads=8))(
+        sds((1024, 128, 512), jnp.bfloat16), sds((1024, 16384, 256), jnp.bfloat16), p)
+  kinds = {r.kernel.__name__: r for r in recs}
+  for name in ("_attn_fwd_kernel", "_read_attn_kernel"):
+    ttir = cr.compile_asm(kinds[name], 90)["asm"]["ttir"]
+    assert re.search(r"tt\.addptr %\S+, %\S+ : !tt\.ptr<bf16>, i64", ttir), name
+
+
+def test_slab_beyond_int32_is_a_clear_error():
+  import jax.numpy as jnp
+  import jax
+  from kernels import triton_gpu as tg
+  q = jax.ShapeDtypeStruct((1, 2 ** 22, 16, 64), jnp.bfloat16)   # 2^32 elements in one slab
+  with pytest.raises(ValueError, match="2\\^31"):
+    jax.eval_shape(lambda a: tg.cross_attention(a, a, a), q)
