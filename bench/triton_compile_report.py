@@ -260,19 +260,49 @@ def _compiled(rec, arch):
   return _COMPILED[k]
 
 
-def run(steps=STEP_NAMES, archs=(90,), dtype="bfloat16"):
-  """[(Result, step name)] for every launch variant (distinct binary and grid) of steps."""
-  rows, seen = [], set()
+def save_records(path, steps=STEP_NAMES, dtype="bfloat16"):
+  """Pickles the recorded launches (kernels by module and name), so another Triton
+  version (a separate venv, --load-records) compiles exactly the same launches."""
+  import pickle
   by_name = {s.name: s for s in STEPS}
+  out = []
   for name in steps:
     for rec in record_step(by_name[name], dtype):
-      for arch in archs:
-        k = (variant_key(rec), tuple(rec.grid), arch, name)
-        if k in seen:
-          continue
-        seen.add(k)
-        r = _compiled(rec, arch)
-        rows.append((dataclasses.replace(r, grid=tuple(rec.grid)), name))
+      d = dict(vars(rec))
+      d["kernel"] = (rec.kernel.fn.__module__, rec.kernel.fn.__name__)
+      out.append((name, d))
+  with open(path, "wb") as fh:
+    pickle.dump(out, fh)
+
+
+def load_records(path):
+  import importlib
+  import pickle
+  from kernels.triton_gpu.launch import LaunchRecord
+  with open(path, "rb") as fh:
+    raw = pickle.load(fh)
+  out = []
+  for name, d in raw:
+    mod, fn = d.pop("kernel")
+    out.append((name, LaunchRecord(kernel=getattr(importlib.import_module(mod), fn), **d)))
+  return out
+
+
+def run(steps=STEP_NAMES, archs=(90,), dtype="bfloat16", records=None):
+  """[(Result, step name)] for every launch variant (distinct binary and grid) of steps
+  (records: [(step name, LaunchRecord)] from load_records instead of tracing)."""
+  rows, seen = [], set()
+  by_name = {s.name: s for s in STEPS}
+  if records is None:
+    records = [(name, rec) for name in steps for rec in record_step(by_name[name], dtype)]
+  for name, rec in records:
+    for arch in archs:
+      k = (variant_key(rec), tuple(rec.grid), arch, name)
+      if k in seen:
+        continue
+      seen.add(k)
+      r = _compiled(rec, arch)
+      rows.append((dataclasses.replace(r, grid=tuple(rec.grid)), name))
   return rows
 
 
@@ -335,9 +365,17 @@ def main(argv=None):
   ap.add_argument("--archs", default="90,80")
   ap.add_argument("--dtype", default="bfloat16")
   ap.add_argument("--out", default="bench/results/triton_compile_report.md")
+  ap.add_argument("--save-records", default=None,
+                  help="only record the steps' launches into this pickle")
+  ap.add_argument("--load-records", default=None,
+                  help="compile launches saved by --save-records (e.g. under another Triton)")
   a = ap.parse_args(argv)
   archs = tuple(int(x) for x in a.archs.split(","))
-  rows = run(tuple(a.steps.split(",")), archs, a.dtype)
+  if a.save_records:
+    save_records(a.save_records, tuple(a.steps.split(",")), a.dtype)
+    return 0
+  records = load_records(a.load_records) if a.load_records else None
+  rows = run(tuple(a.steps.split(",")), archs, a.dtype, records)
   text = markdown(rows, archs, a.dtype)
   os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
   with open(a.out, "w") as fh:
