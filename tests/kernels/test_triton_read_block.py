@@ -207,7 +207,7 @@ def test_selection_rule_and_logged_fallback(caplog):
   assert pl(dtype="float32", prec="highest").block_m == 64                # IEEE dots
   z, x, p = _abstract_read(1, 300, 32, 8, 24, 64, jnp.float32)
   with pytest.raises(ValueError, match="does not fit"):
-    blocks.read_block(z, x, p, num_heads=2, fused=True)
+    jax.eval_shape(functools.partial(blocks.read_block, num_heads=2, fused=True), z, x, p)
   blocks._LOGGED.clear()
   with caplog.at_level(logging.WARNING):
     names = [r.kernel.__name__ for r in _launches(
