@@ -3,10 +3,12 @@
 #   0. record the machine (nvidia-smi, versions)
 #   1. install the wheels carried in .whl/ (bench/fetch_wheels.sh) that the image lacks,
 #      offline: pip install --no-index --find-links .whl --no-deps
-#   2. kernel numerics on the GPU (kernels.triton_gpu.gpu_check: Triton ops vs the float64
-#      reference, bf16 included), then pytest tests/kernels
-#   3. python -m bench.kernels   (published shapes + sweeps, every implementation)
-#   4. python -m bench.model     (CIFAR-10 train/sample steps: xla, triton, rin-pytorch)
+#   2. kernel numerics on the GPU in bf16 (kernels.triton_gpu.gpu_check: Triton ops vs the
+#      float64 reference at the published shapes, B=64) and their fwd+bwd timings vs xla,
+#      written into kernels/triton_gpu/autotune_table.py WINS (--write-wins: what
+#      implementation=None then picks); the table is copied to the results folder
+#   3. python -m bench.kernels   (published shapes, every implementation, bf16)
+#   4. python -m bench.model     (CIFAR-10 B=256 bf16 train/sample steps: xla vs triton)
 # Each stage has its own timeout; a stage that fails or times out does not stop the next.
 # Everything goes under $OUT when set, else bench/results/<device>-<date>/.
 #
@@ -81,17 +83,18 @@ else
   fi
 fi
 
-run numerics "$T_NUMERICS" bash -c "$PY -m kernels.triton_gpu.gpu_check --batch 8 --iters 5 \
-  --dtypes bfloat16,float32 --out $RES/triton_gpu_check.md && \
-  $PY -m pytest -x -q tests/kernels -m 'not slow' -p no:cacheprovider"
-run kernels "$T_KERNELS" $PY -m bench.kernels --quick --dtypes bf16,fp32 \
+run numerics "$T_NUMERICS" bash -c "$PY -m kernels.triton_gpu.gpu_check --batch 64 --iters 10 \
+  --dtypes bfloat16 --write-wins --out $RES/triton_gpu_check.md; \
+  cp kernels/triton_gpu/autotune_table.py $RES/autotune_table.py"
+run kernels "$T_KERNELS" $PY -m bench.kernels --quick --dtypes bf16 \
   --configs cifar10,imagenet64_p4 --out "$RES"
-# bf16: the H200 targets are bf16 (rin-pytorch then runs under torch.autocast bf16).
-run model "$T_MODEL" $PY -m bench.model --config cifar10 --batch 256 --rin-pytorch \
-  --dtype bfloat16 --steps 10 --sample-steps 10 --out "$RES"
+# bf16: the H200 targets are bf16; xla vs triton on the same model and batch.
+run model "$T_MODEL" $PY -m bench.model --config cifar10 --batch 256 \
+  --implementations xla,triton --dtype bfloat16 --steps 10 --sample-steps 10 --out "$RES"
 
 if [[ $DRY == 1 ]]; then
-  echo "# outputs: $RES/{env.txt,suite.log,*.log,triton_gpu_check.md,kernels.json,kernels.md,kernels_sweep_interface.png,model_cifar10_b256.json,model_cifar10_b256.md}"
+  echo "# outputs: $RES/{env.txt,suite.log,*.log,triton_gpu_check.md,autotune_table.py,kernels.json,kernels.md,kernels_sweep_interface.png,model_cifar10_b256.json,model_cifar10_b256.md}"
+  echo "# then: copy $RES/autotune_table.py over kernels/triton_gpu/autotune_table.py and commit both"
 else
   echo "=== done; results in $RES" | tee -a "$RES/suite.log"
   ls -la "$RES"

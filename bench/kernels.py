@@ -148,14 +148,14 @@ def _block_with_attention(attend: Callable, direction: str, num_heads: int) -> C
     dt = q_src.dtype
     h = reference.layer_norm(q_src, p.ln_scale, p.ln_bias)
     split = lambda y: reference._split_heads(y.astype(dt), num_heads)
-    q = split(reference.dense(h, p.wq, p.bq))
-    k = split(reference.dense(kv_src, p.wk, p.bk))
-    v = split(reference.dense(kv_src, p.wv, p.bv))
+    # Operands in the compute dtype, as the precision policy (kernels/precision.py).
+    q = split(reference.dense(h, p.wq, p.bq, dt))
+    k = split(reference.dense(kv_src, p.wk, p.bk, dt))
+    v = split(reference.dense(kv_src, p.wv, p.bv, dt))
     o = attend(q, k, v)
-    y = q_src.astype(jnp.float32) + reference.dense(reference._merge_heads(o), p.wo, p.bo)
+    y = q_src.astype(jnp.float32) + reference.dense(reference._merge_heads(o), p.wo, p.bo, dt)
     if direction == "write" and p.w1 is not None:
-      hh = reference.layer_norm(y, p.mlp_ln_scale, p.mlp_ln_bias)
-      y = y + reference.dense(reference.gelu(reference.dense(hh, p.w1, p.b1)), p.w2, p.b2)
+      y = reference.interface_mlp(y, p, dt)
     return y.astype(dt)
   return fn
 
@@ -373,6 +373,9 @@ def parse_args(argv=None):
                        "fp32,bf16 on CPU)")
   ap.add_argument("--quick", action="store_true",
                   help="small batch, short sweeps, few repeats (CPU: a few minutes)")
+  ap.add_argument("--estimate", action="store_true",
+                  help="print and write the H200 roofline ESTIMATE of the Triton path vs XLA "
+                       "(bench/triton_estimate.py) instead of timing anything")
   ap.add_argument("--configs", default=None, help="comma list of " + ",".join(CONFIGS))
   ap.add_argument("--batch", type=int, default=None, help="batch of the published shapes")
   ap.add_argument("--sweep-n", default=None, help="interface lengths, e.g. 256,1024,4096,16384")
@@ -417,6 +420,11 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
+  if args.estimate:
+    from bench import triton_estimate
+    out = os.path.join(args.out, "triton_estimate.md") if args.out else None
+    triton_estimate.main(["--out", out] if out else [])
+    return {}
   xla_cpu.configure()               # before the first computation (rin/xla_cpu.py)
   platform = jax.default_backend()
   out_dir = args.out or os.environ.get("OUT") or report.default_out_dir("kernels")

@@ -3,10 +3,14 @@
 Implementations:
   "xla"        pure jax.numpy (kernels/reference.py); runs anywhere, the default on CPU.
   "pallas_tpu" Pallas kernels lowered through Mosaic (kernels/pallas_tpu/); default on TPU.
-  "triton"     Triton kernels called through jax-triton (kernels/triton_gpu/); default on GPU.
+  "triton"     Triton kernels called through jax-triton (kernels/triton_gpu/).
 
-`implementation=None` picks the platform default. `interpret=True` runs a kernel
-implementation in its interpreter on CPU (it has no effect on "xla"). An
+`implementation=None` picks the platform default. On GPU that default is measured, not
+assumed: Triton only for the op/shape classes where a GPU measurement committed in
+kernels/triton_gpu/autotune_table.py (WINS, filled by bench/gpu_suite.sh) shows it beating
+XLA, "xla" otherwise, said once in the log per class. `precision=` follows
+kernels/precision.py (None: TF32 for fp32 dots, as XLA; "highest": exact fp32).
+`interpret=True` runs a kernel implementation in its interpreter on CPU (it has no effect on "xla"). An
 implementation that is known but not importable here raises instead of silently
 running the reference.
 """
@@ -19,6 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from kernels import precision as _precision
 from kernels import reference
 from kernels.params import ReadBlockParams, WriteBlockParams
 
@@ -30,6 +35,44 @@ _BACKEND_MODULES = {
 }
 IMPLEMENTATIONS = tuple(_BACKEND_MODULES)
 _PLATFORM_DEFAULT = {"tpu": "pallas_tpu", "gpu": "triton", "cuda": "triton"}
+_GPU_PLATFORMS = ("gpu", "cuda")
+_LOGGED: set = set()
+
+
+def _log_once(key, msg, *args):
+  if key not in _LOGGED:
+    _LOGGED.add(key)
+    logging.warning(msg, *args)
+
+
+def shape_class(op: str, *arrays, heads: int = 0, dtype=None) -> str:
+  """The key of an op/shape class in the GPU measurement table (autotune_table.WINS):
+  "op:dims:dtype", dims the non-batch sizes of the operands (and the head count)."""
+  dims = "x".join(str(d) for a in arrays for d in a.shape[1:])
+  dt = jnp.dtype(dtype or arrays[0].dtype).name
+  return f"{op}:{dims}" + (f":h{heads}" if heads else "") + f":{dt}"
+
+
+def _measured_default(op_key: str) -> str:
+  """GPU default for one op/shape class: "triton" only where a committed GPU measurement
+  shows it faster than XLA."""
+  try:
+    from kernels.triton_gpu import autotune_table
+    wins = getattr(autotune_table, "WINS", {})
+  except ImportError as e:
+    _log_once(("noimport",), "implementation=None on GPU: kernels.triton_gpu does not "
+              "import (%s); using 'xla'", e)
+    return "xla"
+  row = wins.get(op_key)
+  if row and row.get("triton_us", float("inf")) < row.get("xla_us", 0.0):
+    _log_once(op_key, "implementation=None on GPU: %s -> 'triton' (measured %.1f us vs "
+              "xla %.1f us on %s)", op_key, row["triton_us"], row["xla_us"],
+              row.get("device", "?"))
+    return "triton"
+  _log_once(op_key, "implementation=None on GPU: no committed GPU measurement shows "
+            "Triton beating XLA for %s; using 'xla' (implementation='triton' forces it)",
+            op_key)
+  return "xla"
 
 
 def _backend(name: str):
@@ -70,9 +113,15 @@ def default_implementation(platform: str | None = None) -> str:
   return name
 
 
-def resolve_implementation(implementation: str | None) -> str:
+def resolve_implementation(implementation: str | None, op_key: str | None = None) -> str:
+  """implementation, or for None the platform default; on GPU, with `op_key` (a
+  shape_class), the measured per-class default (module docstring)."""
   if implementation is None:
-    return default_implementation()
+    name = default_implementation()
+    if name == "triton" and op_key is not None and (
+        jax.default_backend() in _GPU_PLATFORMS):
+      name = _measured_default(op_key)
+    return name
   _backend(implementation)  # validates the name and importability
   return implementation
 
@@ -160,7 +209,7 @@ def _check_block_args(direction: str, q_src, kv_src, p, num_heads: int) -> None:
 
 def cross_attention(q, k, v, *, implementation: str | None = None,
                     interpret: bool = False, block_sizes: Any = None,
-                    scale: float | None = None):
+                    scale: float | None = None, precision: str | None = None):
   """softmax(q k^T / sqrt(head_dim)) v.
 
   Args:
@@ -169,20 +218,27 @@ def cross_attention(q, k, v, *, implementation: str | None = None,
     interpret: run a kernel implementation in its interpreter (CPU testing).
     block_sizes: implementation-specific tiling (None: tuned defaults).
     scale: score scale, default 1/sqrt(head_dim).
+    precision: fp32 dots, None (TF32, as XLA) or "highest" (kernels/precision.py).
   Returns:
     [batch, q_len, heads, head_dim] in q's dtype.
   """
   _check_attention_args(q, k, v)
-  name = resolve_implementation(implementation)
+  precision = _precision.check(precision)
+  name = resolve_implementation(implementation, shape_class("attention", q, k))
   if name == "xla":
-    return reference.cross_attention(q, k, v, scale=scale)
+    return reference.cross_attention(q, k, v, scale=scale, precision=precision)
   return _backend(name).cross_attention(q, k, v, scale=scale, interpret=interpret,
-                                        block_sizes=block_sizes)
+                                        block_sizes=block_sizes, **_prec_kw(name, precision))
+
+
+def _prec_kw(name, precision):
+  # Backends without a precision switch (pallas_tpu) keep their own policy.
+  return {"precision": precision} if name == "triton" else {}
 
 
 def read_block(z, x, params: ReadBlockParams, *, num_heads: int,
                implementation: str | None = None, interpret: bool = False,
-               block_sizes: Any = None):
+               block_sizes: Any = None, precision: str | None = None):
   """Fused read: z + OutProj(MHA(q=QProj(LN(z)), kv=KVProj(x))).
 
   z: latents [B, M, D]; x: interface [B, N, T]. Returns [B, M, D] in z's dtype.
@@ -190,16 +246,19 @@ def read_block(z, x, params: ReadBlockParams, *, num_heads: int,
   if not isinstance(params, ReadBlockParams):
     raise TypeError(f"read_block: params must be ReadBlockParams, got {type(params).__name__}")
   _check_block_args("read", z, x, params, num_heads)
-  name = resolve_implementation(implementation)
+  precision = _precision.check(precision)
+  name = resolve_implementation(implementation, shape_class("read", z, x, params.wq,
+                                                            heads=num_heads, dtype=z.dtype))
   if name == "xla":
-    return reference.read_block(z, x, params, num_heads=num_heads)
+    return reference.read_block(z, x, params, num_heads=num_heads, precision=precision)
   return _backend(name).read_block(z, x, params, num_heads=num_heads,
-                                   interpret=interpret, block_sizes=block_sizes)
+                                   interpret=interpret, block_sizes=block_sizes,
+                                   **_prec_kw(name, precision))
 
 
 def write_block(x, z, params: WriteBlockParams, *, num_heads: int,
                 implementation: str | None = None, interpret: bool = False,
-                block_sizes: Any = None):
+                block_sizes: Any = None, precision: str | None = None):
   """Fused write: y = x + OutProj(MHA(q=QProj(LN(x)), kv=KVProj(z)));
   then y + MLP(LN(y)) when params carry an MLP.
 
@@ -208,8 +267,12 @@ def write_block(x, z, params: WriteBlockParams, *, num_heads: int,
   if not isinstance(params, WriteBlockParams):
     raise TypeError(f"write_block: params must be WriteBlockParams, got {type(params).__name__}")
   _check_block_args("write", x, z, params, num_heads)
-  name = resolve_implementation(implementation)
+  precision = _precision.check(precision)
+  mlp = () if params.w1 is None else (params.w1,)
+  name = resolve_implementation(implementation, shape_class(
+      "write", x, z, params.wq, *mlp, heads=num_heads, dtype=x.dtype))
   if name == "xla":
-    return reference.write_block(x, z, params, num_heads=num_heads)
+    return reference.write_block(x, z, params, num_heads=num_heads, precision=precision)
   return _backend(name).write_block(x, z, params, num_heads=num_heads,
-                                    interpret=interpret, block_sizes=block_sizes)
+                                    interpret=interpret, block_sizes=block_sizes,
+                                    **_prec_kw(name, precision))

@@ -4,12 +4,18 @@ Everything here is written for clarity, not speed. Arithmetic runs in float32
 (or float64 when the inputs are float64, which is how the tests build their
 oracle) and results are cast back to the input dtype. Every fast path in
 `kernels/` is tested against these functions.
+
+Precision (kernels/precision.py): every dot takes `precision=` (None: XLA's default,
+which is TF32 for fp32 operands on GPU, as a user's plain XLA model runs; "highest":
+exact fp32). The "xla" implementation passes the caller's precision (default None);
+the test oracle passes "highest".
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
+from kernels import precision as _precision
 from kernels.params import ReadBlockParams, WriteBlockParams
 
 LN_EPS = 1e-6
@@ -49,14 +55,14 @@ def operand_dtype(dtype) -> jnp.dtype:
   return jnp.dtype(dtype) if jnp.dtype(dtype).itemsize < 4 else compute_dtype(dtype)
 
 
-def dense(x, w, b, operands=None):
+def dense(x, w, b, operands=None, precision=None):
   """x @ w + b accumulated in fp32 (fp64 for fp64); `operands` sets the operand dtype."""
   cdt = compute_dtype(x.dtype if operands is None else operands)
   op = operand_dtype(x.dtype if operands is None else operands)
   # Low-precision dots emit their own dtype (XLA accumulates them in fp32 on TPU/GPU), so
   # that their backward dots take low-precision cotangents too.
   y = jnp.einsum("...i,io->...o", x.astype(op), w.astype(op),
-                 precision=jax.lax.Precision.HIGHEST, preferred_element_type=op)
+                 precision=_precision.lax_precision(precision), preferred_element_type=op)
   return y.astype(cdt) + b.astype(cdt)
 
 
@@ -88,7 +94,7 @@ def _softmax_bwd(p, g):
 softmax.defvjp(_softmax_fwd, _softmax_bwd)
 
 
-def cross_attention(q, k, v, *, scale: float | None = None):
+def cross_attention(q, k, v, *, scale: float | None = None, precision=None):
   """softmax(q k^T * scale) v, layout [batch, seq, heads, head_dim].
 
   Returns the input dtype. Softmax in float32 (float64 for float64); bf16/fp16 inputs
@@ -97,11 +103,12 @@ def cross_attention(q, k, v, *, scale: float | None = None):
   head_dim = q.shape[-1]
   scale = head_dim ** -0.5 if scale is None else scale
   cdt, op = compute_dtype(q.dtype), operand_dtype(q.dtype)
+  prec = _precision.lax_precision(precision)
   s = jnp.einsum("bqhd,bkhd->bhqk", q.astype(op), k.astype(op),
-                 precision=jax.lax.Precision.HIGHEST, preferred_element_type=op)
+                 precision=prec, preferred_element_type=op)
   p = softmax(s.astype(cdt) * scale)
   o = jnp.einsum("bhqk,bkhd->bqhd", p.astype(op), v.astype(op),
-                 precision=jax.lax.Precision.HIGHEST, preferred_element_type=op)
+                 precision=prec, preferred_element_type=op)
   return o.astype(q.dtype)
 
 
@@ -113,7 +120,7 @@ def _merge_heads(x):
   return x.reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1])
 
 
-def attention_block(x_q, x_kv, p, *, num_heads: int):
+def attention_block(x_q, x_kv, p, *, num_heads: int, precision=None):
   """Residual MHA with pre-norm on the queries only: x_q + MHA(LN(x_q), x_kv).
 
   Shared by the read block (queries = latents, kv = interface) and the write
@@ -122,11 +129,12 @@ def attention_block(x_q, x_kv, p, *, num_heads: int):
   """
   cdt, op = compute_dtype(x_q.dtype), x_q.dtype
   h = layer_norm(x_q, p.ln_scale, p.ln_bias)
-  q = _split_heads(dense(h, p.wq, p.bq, op), num_heads).astype(op)
-  k = _split_heads(dense(x_kv, p.wk, p.bk, op), num_heads).astype(op)
-  v = _split_heads(dense(x_kv, p.wv, p.bv, op), num_heads).astype(op)
-  o = cross_attention(q, k, v)
-  return x_q.astype(cdt) + dense(_merge_heads(o), p.wo, p.bo, op)
+  pr = dict(precision=precision)
+  q = _split_heads(dense(h, p.wq, p.bq, op, **pr), num_heads).astype(op)
+  k = _split_heads(dense(x_kv, p.wk, p.bk, op, **pr), num_heads).astype(op)
+  v = _split_heads(dense(x_kv, p.wv, p.bv, op, **pr), num_heads).astype(op)
+  o = cross_attention(q, k, v, **pr)
+  return x_q.astype(cdt) + dense(_merge_heads(o), p.wo, p.bo, op, **pr)
 
 
 def attention_probs(x_q, x_kv, p, *, num_heads: int):
@@ -140,16 +148,22 @@ def attention_probs(x_q, x_kv, p, *, num_heads: int):
   return softmax(s * q.shape[-1] ** -0.5)
 
 
-def read_block(z, x, p: ReadBlockParams, *, num_heads: int):
+def read_block(z, x, p: ReadBlockParams, *, num_heads: int, precision=None):
   """Read: latents z [B, M, D] attend to the interface x [B, N, T]."""
-  return attention_block(z, x, p, num_heads=num_heads).astype(z.dtype)
+  return attention_block(z, x, p, num_heads=num_heads, precision=precision).astype(z.dtype)
 
 
-def write_block(x, z, p: WriteBlockParams, *, num_heads: int):
+def interface_mlp(y, p: WriteBlockParams, dtype, precision=None):
+  """y + MLP(LN(y)) of the write block (y: the fp32 residual stream; dtype: operands)."""
+  h = layer_norm(y, p.mlp_ln_scale, p.mlp_ln_bias)
+  pr = dict(precision=precision)
+  return y + dense(gelu(dense(h, p.w1, p.b1, dtype, **pr)), p.w2, p.b2, dtype, **pr)
+
+
+def write_block(x, z, p: WriteBlockParams, *, num_heads: int, precision=None):
   """Write: interface x [B, N, T] attends to latents z [B, M, D], then the
   interface MLP (skipped when `p.w1 is None`)."""
-  y = attention_block(x, z, p, num_heads=num_heads)
+  y = attention_block(x, z, p, num_heads=num_heads, precision=precision)
   if p.w1 is not None:
-    h = layer_norm(y, p.mlp_ln_scale, p.mlp_ln_bias)
-    y = y + dense(gelu(dense(h, p.w1, p.b1, x.dtype)), p.w2, p.b2, x.dtype)
+    y = interface_mlp(y, p, x.dtype, precision)
   return y.astype(x.dtype)

@@ -221,7 +221,9 @@ def loss_and_metrics(params, model: RIN, config: ConfigDict, batch, rng, *, mesh
 
   prev = None
   if d.self_cond_rate > 0:
-    _, z = apply(params, x_t, gamma, num_labels, None, r_drop1)
+    # The first pass is never differentiated (its latents are stop-gradiented below):
+    # stop-gradient its params too, so kernels run their undifferentiated forwards.
+    _, z = apply(jax.lax.stop_gradient(params), x_t, gamma, num_labels, None, r_drop1)
     keep = jax.random.bernoulli(r_keep, d.self_cond_rate, (b, 1, 1))   # per example
     prev = jnp.where(keep, jax.lax.stop_gradient(z), 0.0).astype(z.dtype)
   pred, _ = apply(params, x_t, gamma, num_labels, prev, r_drop2)

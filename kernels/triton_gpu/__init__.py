@@ -11,12 +11,14 @@ variable is needed (see launch.py). `block_sizes` takes a `BlockSizes` (or a dic
 of its fields); unset fields come from autotune_table.py, else config.py's
 heuristics.
 
-Modules: attention_kernels.py / linear_kernels.py (the Triton kernels),
-write_block_kernel.py (the write-block forward as one kernel per interface tile),
-attention.py / linear.py (custom_vjp + vmap ops), blocks.py (read/write blocks),
-launch.py (jax-triton / interpreter glue), config.py + autotune_table.py
-(block sizes), tune.py (regenerates the table on a GPU), compile_report.py
-(sm_90 / sm_80 compile figures).
+Modules: attention_kernels.py (the attention kernels), read_block_kernel.py (read
+attention with the K/V projection inside), attention.py (custom_vjp + vmap op),
+blocks.py (read/write blocks: Triton attention, XLA GEMMs; it says why), launch.py
+(jax-triton / interpreter glue, `record_launches()`), config.py + autotune_table.py
+(block sizes; measured Triton-vs-XLA wins that drive implementation=None), tune.py
+(regenerates the table on a GPU), gpu_check.py (GPU numerics + timings).
+Compile report and static lint: bench/triton_compile_report.py. Precision:
+kernels/precision.py (`precision=` on every op: TF32 default for fp32, "highest" exact).
 """
 from __future__ import annotations
 
@@ -40,25 +42,26 @@ def _check_head_dim(what, dh):
     raise ValueError(f"implementation='triton': {what} head_dim={dh} must be <= 256")
 
 
-def cross_attention(q, k, v, *, scale=None, interpret=False, block_sizes=None):
+def cross_attention(q, k, v, *, scale=None, interpret=False, block_sizes=None,
+                    precision=None):
   _check_dtype("q", q.dtype)
   _check_head_dim("cross_attention", q.shape[-1])
   return _attention.cross_attention(q, k, v, scale=scale, interpret=interpret,
-                                    block_sizes=block_sizes)
+                                    block_sizes=block_sizes, precision=precision)
 
 
-def read_block(z, x, p, *, num_heads, interpret=False, block_sizes=None):
+def read_block(z, x, p, *, num_heads, interpret=False, block_sizes=None, precision=None):
   _check_dtype("z", z.dtype)
   _check_head_dim("read_block", p.wq.shape[1] // num_heads)
   return _blocks.read_block(z, x, p, num_heads=num_heads, interpret=interpret,
-                            block_sizes=block_sizes)
+                            block_sizes=block_sizes, precision=precision)
 
 
-def write_block(x, z, p, *, num_heads, interpret=False, block_sizes=None):
+def write_block(x, z, p, *, num_heads, interpret=False, block_sizes=None, precision=None):
   _check_dtype("x", x.dtype)
   _check_head_dim("write_block", p.wq.shape[1] // num_heads)
   return _blocks.write_block(x, z, p, num_heads=num_heads, interpret=interpret,
-                             block_sizes=block_sizes)
+                             block_sizes=block_sizes, precision=precision)
 
 
 __all__ = ["BlockSizes", "cross_attention", "read_block", "write_block"]

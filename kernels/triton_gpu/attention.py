@@ -13,13 +13,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from kernels import precision as _precision
 from kernels.triton_gpu import attention_kernels as ak
 from kernels.triton_gpu import config
-from kernels.triton_gpu.launch import launch, vmappable
-
-
-def _ieee(dtype) -> bool:
-  return jnp.dtype(dtype) == jnp.float32
+from kernels.triton_gpu.launch import cached, launch, vmappable
 
 
 def _check_dtype(dtype):
@@ -28,16 +25,23 @@ def _check_dtype(dtype):
                     f"got {jnp.dtype(dtype)}")
 
 
-def _fwd_impl(q, k, v, *, scale, interpret, block_sizes):
+def _plan(q, k, block_sizes, precision):
+  b, lq, h, dh = q.shape
+  return config.attention_plan(b, lq, k.shape[1], h, dh, jnp.dtype(q.dtype).name,
+                               block_sizes, precision)
+
+
+def _fwd_impl(q, k, v, *, scale, interpret, block_sizes, precision):
   b, lq, h, dh = q.shape
   lk = k.shape[1]
-  plan = config.attention_plan(b, lq, lk, h, dh, jnp.dtype(q.dtype).name, block_sizes)
+  plan = _plan(q, k, block_sizes, precision)
   common = dict(B=b, H=h, LQ=lq, DH=dh, D_PAD=plan.d_pad, BLOCK_M=plan.block_q)
   grid = (config.cdiv(lq, plan.block_q), b * h, plan.kv_splits)
   fwd = dict(kernel=ak._attn_fwd_kernel, grid=grid, interpret=interpret,
              num_warps=plan.num_warps, num_stages=plan.num_stages, SCALE=float(scale),
              LK=lk, BLOCK_N=plan.block_kv, SPLIT_LEN=plan.split_len,
-             IEEE=_ieee(q.dtype), **common)
+             ONE_PASS=plan.split_len <= plan.block_kv,
+             PREC=_precision.triton_input_precision(precision), **common)
   if plan.kv_splits == 1:
     o, lse = launch(inputs=(q, k, v), out_shapes=(
         jax.ShapeDtypeStruct(q.shape, q.dtype),
@@ -54,18 +58,18 @@ def _fwd_impl(q, k, v, *, scale, interpret, block_sizes):
   return o, lse
 
 
-def _bwd_impl(q, k, v, o, lse, do, *, scale, interpret, block_sizes):
+def _bwd_impl(q, k, v, o, lse, do, *, scale, interpret, block_sizes, precision):
   b, lq, h, dh = q.shape
   lk = k.shape[1]
-  plan = config.attention_plan(b, lq, lk, h, dh, jnp.dtype(q.dtype).name, block_sizes)
-  ieee = _ieee(q.dtype)
+  plan = _plan(q, k, block_sizes, precision)
   run = dict(interpret=interpret, num_warps=plan.num_warps)
   (delta,) = launch(ak._attn_bwd_delta_kernel, (config.cdiv(lq, plan.block_q), b * h),
                     (o, do), (jax.ShapeDtypeStruct((b, h, lq), jnp.float32),),
                     num_stages=1, H=h, LQ=lq, DH=dh, D_PAD=plan.d_pad,
                     BLOCK_M=plan.block_q, **run)
   common = dict(SCALE=float(scale), B=b, H=h, LQ=lq, LK=lk, DH=dh, D_PAD=plan.d_pad,
-                IEEE=ieee, num_stages=plan.num_stages, **run)
+                PREC=_precision.triton_input_precision(precision),
+                num_stages=plan.num_stages, **run)
   qs = plan.q_splits_bwd
   part_dt = jnp.float32 if qs > 1 else q.dtype
   dk, dv = launch(ak._attn_bwd_dkdv_kernel, (config.cdiv(lk, plan.block_kv_bwd), b * h, qs),
@@ -87,39 +91,42 @@ def _bwd_impl(q, k, v, o, lse, do, *, scale, interpret, block_sizes):
   return dq, dk, dv
 
 
-@functools.lru_cache(maxsize=None)
-def _units(scale, interpret, block_sizes):
-  fwd = vmappable(functools.partial(_fwd_impl, scale=scale, interpret=interpret,
-                                    block_sizes=block_sizes), (True, True, True))
-  bwd = vmappable(functools.partial(_bwd_impl, scale=scale, interpret=interpret,
-                                    block_sizes=block_sizes), (True,) * 6)
+@cached
+def units(scale, interpret, block_sizes, precision):
+  """(forward, backward) vmappable units: forward(q, k, v) -> (o, lse),
+  backward(q, k, v, o, lse, do) -> (dq, dk, dv). Also used by the fused read block."""
+  kw = dict(scale=scale, interpret=interpret, block_sizes=block_sizes, precision=precision)
+  fwd = vmappable(functools.partial(_fwd_impl, **kw), (True, True, True))
+  bwd = vmappable(functools.partial(_bwd_impl, **kw), (True,) * 6)
   return fwd, bwd
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _attention(q, k, v, scale, interpret, block_sizes):
-  return _units(scale, interpret, block_sizes)[0](q, k, v)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _attention(q, k, v, scale, interpret, block_sizes, precision):
+  return units(scale, interpret, block_sizes, precision)[0](q, k, v)[0]
 
 
-def _attention_fwd(q, k, v, scale, interpret, block_sizes):
-  o, lse = _units(scale, interpret, block_sizes)[0](q, k, v)
+def _attention_fwd(q, k, v, scale, interpret, block_sizes, precision):
+  o, lse = units(scale, interpret, block_sizes, precision)[0](q, k, v)
   return o, (q, k, v, o, lse)
 
 
-def _attention_bwd(scale, interpret, block_sizes, res, do):
+def _attention_bwd(scale, interpret, block_sizes, precision, res, do):
   q, k, v, o, lse = res
-  return _units(scale, interpret, block_sizes)[1](q, k, v, o, lse, do.astype(q.dtype))
+  return units(scale, interpret, block_sizes, precision)[1](q, k, v, o, lse,
+                                                           do.astype(q.dtype))
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def cross_attention(q, k, v, *, scale=None, interpret=False, block_sizes=None):
+def cross_attention(q, k, v, *, scale=None, interpret=False, block_sizes=None,
+                    precision=None):
   """softmax(q k^T * scale) v on the Triton kernels; [B, L, H, Dh] layout."""
   _check_dtype(q.dtype)
+  precision = _precision.check(precision)
   scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
   bs = config.as_block_sizes(block_sizes)
   # Validate block sizes and budgets eagerly, with the caller's shapes.
-  config.attention_plan(q.shape[0], q.shape[1], k.shape[1], q.shape[2], q.shape[3],
-                        jnp.dtype(q.dtype).name, bs)
-  return _attention(q, k, v, scale, bool(interpret), bs)
+  _plan(q, k, bs, precision)
+  return _attention(q, k, v, scale, bool(interpret), bs, precision)

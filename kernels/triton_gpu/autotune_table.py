@@ -1,14 +1,20 @@
-"""Tuned launch parameters per shape. Regenerate on a GPU with
+"""GPU measurements that drive the Triton backend.
 
-    python -m kernels.triton_gpu.tune --write
+WINS: per op/shape class (kernels.api.shape_class: "op:dims[:h<heads>]:dtype"), the
+fwd+bwd medians of implementation="triton" and "xla" from a GPU run of
+`python -m kernels.triton_gpu.gpu_check --write-wins` (bench/gpu_suite.sh runs it).
+`implementation=None` on GPU uses Triton for a class only where triton_us < xla_us here.
+No GPU has been available to this project's sessions so far, so WINS is empty and
+implementation=None means "xla" everywhere on GPU (said once per class in the log);
+implementation="triton" always runs the Triton kernels.
 
-Keys: "attn:{q_len}x{kv_len}x{head_dim}:{dtype}" and "linear:{rows}x{k}x{n}:{dtype}"
-(rows = batch * seq for a batch of 1; `config.py` looks rows up by bucket).
-Values override the heuristic defaults in `config.py` field by field.
-Entries without a GPU measurement behind them are not listed: as of this
-commit no GPU has been available to tune on, so the table is empty and every
-shape uses the heuristics (documented in config.py).
+TABLE: tuned attention launch parameters per shape, regenerated on a GPU with
+`python -m kernels.triton_gpu.tune --write`. Keys "attn:{q_len}x{kv_len}x{head_dim}:{dtype}";
+values override the heuristic defaults in config.py field by field. Empty: no GPU
+measurement behind any entry yet.
 """
+
+WINS: dict[str, dict] = {}
 
 TABLE: dict[str, dict[str, int]] = {
 }

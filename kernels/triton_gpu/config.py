@@ -10,7 +10,8 @@ Heuristics (H100/H200 have 132 SMs; we aim for >= 2 programs per SM):
     `kv_splits` programs until q_blocks * batch * heads * splits >= 264;
     partial (o, lse) are merged by a combine kernel. The dQ backward is split the
     same way; dK/dV splits the query axis when keys are few (write direction).
-  * token-wise matmuls: 64 x 64 output tiles, K steps of 32, 4 warps (8 for fp32).
+  * the projections and MLPs of the blocks are XLA GEMMs (cuBLAS), not Triton
+    (kernels/triton_gpu/blocks.py says why).
 """
 from __future__ import annotations
 
@@ -33,9 +34,6 @@ class BlockSizes:
   block_q_bwd: int | None = None    # dK/dV pass query tile
   block_kv_bwd: int | None = None   # dK/dV pass key tile
   q_splits_bwd: int | None = None   # dK/dV split of the query axis
-  block_rows: int | None = None     # token-wise matmul row tile
-  block_cols: int | None = None     # token-wise matmul output-column tile
-  block_k: int | None = None        # token-wise matmul reduction step
   num_warps: int | None = None
   num_stages: int | None = None
 
@@ -105,26 +103,42 @@ class AttentionPlan:
   num_stages: int
 
 
+ONE_PASS_MAX_KEYS = 128   # key ranges up to this are one tile: softmax without rescale
+INT32_MAX = 2 ** 31 - 1
+
+
+def check_slab(what: str, seq: int, width: int) -> None:
+  """The kernels address one batch element's [seq, width] slab with int32 in-tile offsets
+  (their per-batch/head base offsets are int64): a clear error instead of wrong addresses."""
+  if seq * width > INT32_MAX:
+    raise ValueError(f"{what}: one batch element's [{seq}, {width}] slab has {seq * width} "
+                     f"elements, more than 2^31 - 1 (the kernels' in-tile int32 offsets)")
+
+
 def attention_plan(b: int, lq: int, lk: int, h: int, dh: int, dtype_name: str,
-                   bs: Any = None) -> AttentionPlan:
+                   bs: Any = None, precision: str = "default") -> AttentionPlan:
   bs = as_block_sizes(bs)
   tab = autotune_table.TABLE.get(f"attn:{lq}x{lk}x{dh}:{dtype_name}", {})
   d_pad = max(16, next_pow2(dh))
   if d_pad > 256:
     raise ValueError(f"triton attention: head_dim={dh} is above the supported 256")
-  # fp32 (IEEE dots) with wide heads spilled at 64x64 tiles in the compile report.
-  cap = 32 if (dtype_name == "float32" and d_pad >= 64) else 64
+  check_slab("triton attention", max(lq, lk), h * dh)
+  # IEEE fp32 dots (precision="highest") run on FMA units and hold twice the operand
+  # registers: 32-row tiles where 64 spilled (compile report). Tensor-core dots (bf16,
+  # fp16, TF32) take 64-row query tiles: wgmma's M per warpgroup.
+  ieee = dtype_name == "float32" and precision == "highest"
+  cap = 32 if (ieee and d_pad >= 64) else 64
   block_q = _pick(bs.block_q, tab, "block_q", _tile(lq, cap))
-  block_kv = _pick(bs.block_kv, tab, "block_kv", _tile(lk, cap))
-  # The fp32 dK/dV pass holds two fp32 accumulators plus recomputed probabilities: it
-  # spilled at 64x64 tiles even with head_dim 32 (compile report, sm_80 and sm_90).
-  bwd_cap = 32 if dtype_name == "float32" else cap
+  # Few keys (the write direction: M = 128 latents): one key tile, one-pass softmax.
+  kv_cap = ONE_PASS_MAX_KEYS if (lk <= ONE_PASS_MAX_KEYS and not ieee and d_pad <= 64) else cap
+  block_kv = _pick(bs.block_kv, tab, "block_kv", _tile(lk, kv_cap))
+  bwd_cap = 32 if ieee else cap
   block_q_bwd = _pick(bs.block_q_bwd, tab, "block_q_bwd", _tile(lq, bwd_cap))
   block_kv_bwd = _pick(bs.block_kv_bwd, tab, "block_kv_bwd", _tile(lk, bwd_cap))
   for name, v in (("block_q", block_q), ("block_kv", block_kv),
                   ("block_q_bwd", block_q_bwd), ("block_kv_bwd", block_kv_bwd)):
     _check_tile(name, v)
-  num_warps = _pick(bs.num_warps, tab, "num_warps", 8 if dtype_name == "float32" else 4)
+  num_warps = _pick(bs.num_warps, tab, "num_warps", 8 if ieee else 4)
   num_stages = _pick(bs.num_stages, tab, "num_stages", 2)
 
   # Forward / dQ: split the key axis when query tiles alone leave SMs idle.
@@ -148,44 +162,3 @@ def attention_plan(b: int, lq: int, lk: int, h: int, dh: int, dtype_name: str,
           f"(> {limit}, the A100 per-block limit); lower block_q/block_kv or num_stages")
   return AttentionPlan(d_pad, block_q, block_kv, splits, split_len, block_q_bwd,
                        block_kv_bwd, qs, q_split_len, num_warps, num_stages)
-
-
-@dataclasses.dataclass(frozen=True)
-class LinearPlan:
-  block_rows: int
-  block_cols: int
-  block_k: int
-  num_warps: int
-  num_stages: int
-
-
-def _row_bucket(r: int) -> int:
-  return next_pow2(r)
-
-
-def linear_plan(r: int, k: int, n: int, dtype_name: str, bs: Any = None) -> LinearPlan:
-  bs = as_block_sizes(bs)
-  tab = autotune_table.TABLE.get(f"linear:{_row_bucket(r)}x{k}x{n}:{dtype_name}", {})
-  block_rows = _pick(bs.block_rows, tab, "block_rows", _tile(r, 64))
-  block_cols = _pick(bs.block_cols, tab, "block_cols", _tile(n, 64))
-  block_k = _pick(bs.block_k, tab, "block_k", _tile(k, 32))
-  for name, v in (("block_rows", block_rows), ("block_cols", block_cols),
-                  ("block_k", block_k)):
-    _check_tile(name, v)
-  # fp32 operands (IEEE dots) need twice the registers: 8 warps keep 64x64 tiles
-  # spill-free on sm_80/sm_90 (checked by tests/kernels/test_triton_compile.py).
-  num_warps = _pick(bs.num_warps, tab, "num_warps", 8 if dtype_name == "float32" else 4)
-  num_stages = _pick(bs.num_stages, tab, "num_stages", 2)
-  itemsize = 4 if dtype_name == "float32" else 2
-  need = num_stages * (block_rows + block_cols) * block_k * itemsize
-  limit = min(SMEM_LIMIT_BYTES.values())
-  if need > limit:
-    raise ValueError(f"triton linear: block sizes need ~{need} bytes of shared memory "
-                     f"(> {limit}); lower block_rows/block_cols/block_k or num_stages")
-  return LinearPlan(block_rows, block_cols, block_k, num_warps, num_stages)
-
-
-def ln_block_rows(c: int) -> int:
-  """Rows per program of the whole-row LayerNorm kernels: tiles of ~2K elements
-  (8K spilled registers in the backward kernel at 4 warps)."""
-  return max(1, min(64, 2048 // next_pow2(c)))

@@ -1,14 +1,18 @@
 """One prepared GPU check: numerics through jax-triton (bf16 included) and timings.
 
     python -m kernels.triton_gpu.gpu_check [--out bench/results/triton_gpu_check.md]
+        [--write-wins]        # record the Triton-vs-XLA timings in autotune_table.WINS
     python -m kernels.triton_gpu.gpu_check --interpret --quick   # CPU dry run of this script
 
-For every published RIN shape (kernels.triton_gpu.compile_report.PUBLISHED, at
---batch): forward and gradients of the Triton op vs. the float64 reference
-(max error relative to max(1, |ref|)), then the time of forward+backward for
-implementation="triton", "xla" (jitted reference) and, for attention,
-jax.nn.dot_product_attention: median microseconds per call over --iters calls, each
-waited on (bench.timing.time_calls). Writes a markdown table.
+For every published RIN shape (kernels.triton_gpu.shapes.PUBLISHED, at --batch): forward
+and gradients of the Triton op vs. the float64 reference (max error relative to
+max(1, |ref|)), then the time of forward+backward for implementation="triton", "xla"
+(jitted reference, default precision) and, for attention, jax.nn.dot_product_attention:
+median microseconds per call over --iters calls, each waited on
+(bench.timing.time_calls). Writes a markdown table. With --write-wins (GPU only), each
+op/shape class's fwd+bwd medians go into kernels/triton_gpu/autotune_table.py WINS,
+which `implementation=None` reads (kernels/api.py): Triton becomes the default only
+where it measured faster.
 """
 from __future__ import annotations
 
@@ -53,9 +57,9 @@ def _materialize(sds_tree, key):
 def check(shape, dtype, batch, interpret, iters):
   import dataclasses
   import kernels
-  from kernels.triton_gpu import compile_report as cr
+  from kernels.triton_gpu import shapes
   s = dataclasses.replace(shape, b=batch)
-  _, sds = cr.shape_fn(s, dtype)
+  sds = shapes.abstract_args(s, dtype)
   args = _materialize(sds, jax.random.key(0))
   if s.op == "attention":
     def op(impl):
@@ -77,8 +81,15 @@ def check(shape, dtype, batch, interpret, iters):
     gwant = jax.grad(loss(op("xla")), argnums=argn)(*a64)
   got = jax.jit(op("triton"))(*args)
   ggot = jax.jit(jax.grad(loss(op("triton")), argnums=argn))(*args)
-  row = dict(shape=s.name, dtype=jnp.dtype(dtype).name, fwd_err=_rel_err(got, want),
-             grad_err=_rel_err(ggot, gwant))
+  from kernels import api
+  if s.op == "attention":
+    key = api.shape_class("attention", args[0], args[1])
+  else:
+    mlp = () if getattr(args[2], "w1", None) is None else (args[2].w1,)
+    key = api.shape_class(s.op, args[0], args[1], args[2].wq, *mlp, heads=s.heads,
+                          dtype=args[0].dtype)
+  row = dict(shape=s.name, dtype=jnp.dtype(dtype).name, key=key,
+             fwd_err=_rel_err(got, want), grad_err=_rel_err(ggot, gwant))
   for impl in ("triton", "xla"):
     row[f"{impl}_fwd_us"] = _time_us(jax.jit(op(impl)), args, iters)
     row[f"{impl}_fwdbwd_us"] = _time_us(jax.jit(jax.grad(loss(op(impl)), argnums=argn)), args,
@@ -91,7 +102,7 @@ def check(shape, dtype, batch, interpret, iters):
 
 
 def main(argv=None):
-  from kernels.triton_gpu import compile_report as cr
+  from kernels.triton_gpu import shapes as cr
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--out", default="bench/results/triton_gpu_check.md")
   ap.add_argument("--batch", type=int, default=32)
@@ -99,6 +110,8 @@ def main(argv=None):
   ap.add_argument("--iters", type=int, default=20)
   ap.add_argument("--interpret", action="store_true", help="CPU dry run via the interpreter")
   ap.add_argument("--quick", action="store_true", help="first shape only")
+  ap.add_argument("--write-wins", action="store_true",
+                  help="write the fwd+bwd medians into autotune_table.WINS (GPU runs only)")
   a = ap.parse_args(argv)
   shapes = cr.PUBLISHED[:1] if a.quick else cr.PUBLISHED
   rows = []
@@ -121,7 +134,35 @@ def main(argv=None):
   with open(a.out, "w") as fh:
     fh.write("\n".join(lines) + "\n")
   print("\n".join(lines))
+  if a.write_wins:
+    if a.interpret or jax.default_backend() != "gpu":
+      print("--write-wins needs a GPU run (interpreter timings are not measurements)",
+            file=sys.stderr)
+      return 2
+    write_wins(rows, jax.devices()[0].device_kind)
   return 0
+
+
+def write_wins(rows, device):
+  """Rewrites autotune_table.WINS with these rows' fwd+bwd medians (kept: other keys)."""
+  import pprint
+  from kernels.triton_gpu import autotune_table
+  wins = dict(getattr(autotune_table, "WINS", {}))
+  for r in rows:
+    if not (np.isfinite(r["fwd_err"]) and np.isfinite(r["grad_err"])):
+      continue   # a wrong kernel never becomes a default
+    wins[r["key"]] = dict(triton_us=round(r["triton_fwdbwd_us"], 1),
+                          xla_us=round(r["xla_fwdbwd_us"], 1),
+                          triton_fwd_us=round(r["triton_fwd_us"], 1),
+                          xla_fwd_us=round(r["xla_fwd_us"], 1), device=device)
+  path = autotune_table.__file__
+  src = open(path).read()
+  head = src[: src.index("\nWINS: dict") + 1]
+  tail = src[src.index("\nTABLE: dict") + 1:]
+  with open(path, "w") as fh:
+    fh.write(head + "WINS: dict[str, dict] = " + pprint.pformat(wins, width=100) + "\n\n"
+             + tail)
+  print("wrote", os.path.relpath(path), len(wins), "WINS entries")
 
 
 if __name__ == "__main__":

@@ -19,8 +19,9 @@ into the kernel's leading (batch or row) axis, or falls back to `lax.map` when a
 operand that cannot be folded (a weight) is batched.
 
 `record_launches()` turns launches into shape-only stubs and records each one
-(kernel, operand dtypes, constexprs, warps, stages): the compile report uses it to
-find every kernel variant a model shape needs without running anything.
+(kernel, grid, operand dtypes and shapes, constexprs, warps, stages): the compile report
+(bench/triton_compile_report.py) and the estimate (bench/triton_estimate.py) use it to
+find every kernel variant a step needs without running anything.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import contextlib
 import dataclasses
 import functools
 import inspect
+import logging
 import threading
 import types
 import warnings
@@ -55,10 +57,29 @@ class LaunchRecord:
   constexprs: tuple  # sorted (name, value)
   num_warps: int
   num_stages: int
+  in_shapes: tuple = ()
+  out_shapes: tuple = ()
 
 
 _RECORDING: list | None = None
 _INTERP_LOCK = threading.Lock()
+_CACHES: list = []
+_LAX_MAP_LOGGED: set = set()
+
+
+def cached(fn):
+  """functools.lru_cache that `clear_caches()` empties (the per-configuration units)."""
+  fn = functools.lru_cache(maxsize=None)(fn)
+  _CACHES.append(fn)
+  return fn
+
+
+def clear_caches():
+  """Forgets every built unit (and jax's traces), so that the next trace launches again:
+  `record_launches()` sees only launches that are traced, not ones served from a cache."""
+  for fn in _CACHES:
+    fn.cache_clear()
+  jax.clear_caches()
 
 
 @contextlib.contextmanager
@@ -86,8 +107,8 @@ def _clone(fn, globs):
 def _interpreted_globals(module_globals: dict, memo: dict) -> dict:
   """A copy of a module's globals in which every @triton.jit function is interpreted.
 
-  A helper imported from another module (kernels/triton_gpu/tl_helpers.py) is cloned over
-  *its own* module's globals, so it resolves its names where it was defined."""
+  A helper imported from another module is cloned over *its own* module's globals, so it
+  resolves its names where it was defined."""
   from triton.runtime.interpreter import InterpretedFunction
   key = id(module_globals)
   if key in memo:
@@ -223,7 +244,8 @@ def launch(kernel, grid: Sequence[int], inputs: Sequence[jax.Array],
     _RECORDING.append(LaunchRecord(
         kernel, grid, tuple(jnp.dtype(x.dtype).name for x in inputs),
         tuple(s.dtype.name for s in out_shapes), tuple(sorted(constexprs.items())),
-        num_warps, num_stages))
+        num_warps, num_stages, tuple(tuple(x.shape) for x in inputs),
+        tuple(tuple(s.shape) for s in out_shapes)))
     return tuple(jnp.zeros(s.shape, s.dtype) for s in out_shapes)
   if interpret:
     return _interpret_launch(kernel, grid, inputs, out_shapes, constexprs)
@@ -267,6 +289,11 @@ def vmappable(fn: Callable, foldable: Sequence[bool]):
       outs = wrapped(*folded)
       outs = tuple(o.reshape((axis_size, o.shape[0] // axis_size) + o.shape[1:]) for o in outs)
     else:
+      name = getattr(fn, "func", fn).__name__
+      if name not in _LAX_MAP_LOGGED:
+        _LAX_MAP_LOGGED.add(name)
+        logging.warning("triton: vmap over an operand that cannot fold into the kernel grid "
+                        "(a weight) in %s: running the batch as a sequential lax.map", name)
       bargs = [a if b else jnp.broadcast_to(a, (axis_size,) + a.shape)
                for a, b in zip(args, in_batched)]
       outs = jax.lax.map(lambda xs: wrapped(*xs), tuple(bargs))

@@ -1,57 +1,42 @@
-"""Read-block forward with the interface K/V projection fused into split-K attention.
+"""Read-block attention with the interface K/V projection inside the kernel.
 
     z_out = z + MHA(q = LN(z) Wq + bq, k = x Wk + bk, v = x Wv + bv) Wo + bo
     (latents z [B, M, D] read from the interface x [B, N, T]; no LayerNorm on x)
 
-Forward (`fused_read_block`), 3 or 4 launches, none of which writes K or V:
-  q     = fused_linear(LN(z)) @ Wq + bq                    (linear.py, LN prologue)
-  o     = _read_attn_kernel, grid (cdiv(M, BLOCK_M), B*H, kv_splits)
-  o     = _attn_combine_kernel (attention_kernels.py, reused as is; only when
-          kv_splits > 1)
-  z_out = fused_linear(o) @ Wo + bo + z                   (residual epilogue)
-`_read_attn_kernel`: each program holds its head's query block [BLOCK_M, D_PAD] and
-walks its key range in BLOCK_N tiles. Per tile it streams x[tile, :] in BLOCK_T
-column chunks (each element of x loaded once per tile) together with the matching
-rows of the head's weight slices Wk[:, h], Wv[:, h] ([BLOCK_T, D_PAD] each) and
-accumulates k = x Wk, v = x Wv in fp32; adds the biases, rounds k, v to the operand
-dtype (as the composed path, which stores them in that dtype, does), then does the
-online-softmax update (fp32). It writes the normalised output (1 split) or fp32
-partials (o, lse) per split in the layout _attn_combine_kernel reads:
-o [splits, B, M, H, DH], lse [splits, B, H, M]. fp32 inputs use IEEE fp32 dots;
-fp16/bf16 inputs are fp16/bf16 dot operands with fp32 accumulation. M, N, T and the
-head dim are padded to powers of two (>= 16, tl.dot's minimum) and masked.
+blocks.read_block runs LN, the q projection and the out projection + residual as XLA ops
+(cuBLAS GEMMs; blocks.py says why) and the attention with its K/V projection here:
 
-Selection rule (`plan`; blocks.read_block uses the fused forward when it returns a
-plan, else the composed 5-launch path: q, k, v projections, attention + combine,
-out-projection):
-  * fp16/bf16 only. fp32 is used only when forced (read_block(..., fused=True), as the
-    interpreter tests do): fp32 IEEE dots run on FMA units, and at the published shapes
-    the fp32 variant (BLOCK_M 64, 8 warps) spilled on sm_80 (76 B for CIFAR-10, 628 B
-    for ImageNet-64 with N = 4096; none on sm_90).
-  * head dim padded D_PAD <= 128: the program holds q, the output accumulator
-    ([BLOCK_M, D_PAD], fp32), k and v (2 x [BLOCK_N, D_PAD] fp32 accumulators) and the
-    scores ([BLOCK_M, BLOCK_N] fp32) in registers.
-  * BLOCK_M = next_pow2(M) clamped to [16, 128] (to [16, 64] when D_PAD = 128 or for
-    fp32); at most MAX_Q_BLOCKS = 2 query blocks (M <= 256; M <= 128 when D_PAD = 128):
-    every query block re-projects its key range (the projection costs T / BLOCK_M times
-    the attention's flops), so more query blocks fall back to the composed path, which
-    projects K/V once.
-  * T is not bounded: x and the weight slices are streamed in BLOCK_T = 64 column
-    chunks; shared memory per pipeline stage is (BLOCK_N + 2 D_PAD) * BLOCK_T elements
-    (x chunk + Wk, Wv chunks), times num_stages, plus the q tile; it must stay within
-    the sm_80 per-block limit (163 KiB), else fall back. For fp16/bf16 the estimate is
-    at most 88 KiB (D_PAD 128), so this only triggers for forced fp32 with D_PAD 128.
-  * BLOCK_N = 64 (32 when D_PAD = 128; down to 16 for tiny N); the key axis is split
-    like the composed attention's (config.TARGET_PROGRAMS programs in all). At D_PAD 128
-    the sm_80 build uses 240..255 registers per thread but does not spill.
-tests/kernels/test_triton_read_block.py compiles the kernel for sm_90 and sm_80 at the
-published read-block shapes (bf16 and fp16) and fails on spills or over-limit shared
-memory for every configuration this rule selects.
+  `kv_attention(q, x, Wk, bk, Wv, bv)`  (jax.custom_vjp)
+    forward: `_read_attn_kernel`, grid (cdiv(M, BLOCK_M), B*H, kv_splits), then
+             `_attn_combine_kernel` when kv_splits > 1. Undifferentiated calls (sampling)
+             never write K or V; differentiated calls (training) run the same kernel with
+             STORE_KV, which also writes K and V once (the first query block of each key
+             tile), as the backward's residuals.
+    backward: the attention backward kernels on (q, K, V, o, lse), then dX = dK Wk^T +
+             dV Wv^T and dWk, dWv, dbk, dbv as XLA GEMMs / reductions. Nothing is
+             recomputed and the forward runs once.
 
-Backward: `read_block` is a jax.custom_vjp. An undifferentiated call (sampling,
-evaluation) runs the fused forward; a differentiated call runs the composed read block
-forward, keeping its residuals for the composed backward (its ops carry the Triton
-backward kernels), so training never computes the forward twice.
+`_read_attn_kernel`: each program holds its head's query block [BLOCK_M, D_PAD] and walks
+its key range in BLOCK_N tiles. Per tile it streams x[tile, :] in BLOCK_T column chunks
+together with the rows of the head's weight slices Wk[:, h], Wv[:, h] and accumulates
+k = x Wk, v = x Wv in fp32 (tensor-core dots); adds the biases and rounds k, v to the
+operand dtype (as an XLA projection stores them), then does the online-softmax update in
+base 2 (attention_kernels.py). M, N, T and the head dim are padded to powers of two
+(>= 16) and masked; base offsets are int64 (attention_kernels.py, "Addressing").
+
+Why fuse: the composed alternative (an XLA GEMM writing K/V [B, N, 2W], then the
+attention kernel reading them) moves 2 x B*N*2W operand-dtype elements more in the
+forward, the largest tensor of the read; the projection's FLOPs are the same (one query
+block at M <= 128 with head_dim 32, so no key tile is projected twice).
+
+Selection rule (`plan`; blocks.read_block falls back to XLA K/V GEMMs + the attention
+kernels, logged once, when it returns None):
+  * head dim padded D_PAD <= 128 (registers: q, the output accumulator, k and v tiles
+    and the scores live in registers).
+  * at most MAX_Q_BLOCKS = 2 query blocks (M <= 256 at D_PAD <= 64): every query block
+    re-projects its key range, so more query blocks would multiply the projection FLOPs.
+  * shared memory per pipeline stage (BLOCK_N + 2 D_PAD) * BLOCK_T elements times
+    num_stages, plus the q tile, within the sm_80 per-block limit.
 """
 from __future__ import annotations
 
@@ -64,11 +49,10 @@ import jax.numpy as jnp
 import triton
 import triton.language as tl
 
+from kernels import precision as _precision
 from kernels.triton_gpu import attention_kernels as ak
 from kernels.triton_gpu import config
-from kernels.triton_gpu.launch import launch, vmappable
-from kernels.triton_gpu.linear import fused_linear
-from kernels.triton_gpu.tl_helpers import mm
+from kernels.triton_gpu.launch import cached, launch, vmappable
 
 MAX_D_PAD = 128
 MAX_BLOCK_M = 128
@@ -95,67 +79,69 @@ def smem_need(block_m, block_n, block_t, d_pad, itemsize, stages):
 
 
 def plan(b: int, m: int, n: int, t: int, width: int, heads: int, dtype_name: str,
-         force_fp32: bool = False, *, block_m: int | None = None, block_n: int | None = None,
-         block_t: int | None = None, kv_splits: int | None = None) -> ReadBlockPlan | None:
-  """Launch parameters of the fused forward, or None (composed path). The keyword
+         precision: str = "default", *, block_m: int | None = None,
+         block_n: int | None = None, block_t: int | None = None,
+         kv_splits: int | None = None) -> ReadBlockPlan | None:
+  """Launch parameters of the fused K/V attention, or None (composed path). The keyword
   overrides are for tests (forcing several query blocks, T chunks or splits)."""
-  fp32 = dtype_name == "float32"
-  if fp32 and not force_fp32:
-    return None
   if width % heads:
     return None
   d_pad = max(16, config.next_pow2(width // heads))
   if d_pad > MAX_D_PAD:
     return None
-  cap_m = 64 if (fp32 or d_pad > 64) else MAX_BLOCK_M
+  ieee = dtype_name == "float32" and precision == "highest"
+  cap_m = 64 if (ieee or d_pad > 64) else MAX_BLOCK_M
   block_m = block_m or max(16, min(cap_m, config.next_pow2(m)))
   q_blocks = config.cdiv(m, block_m)
   if q_blocks > MAX_Q_BLOCKS:
     return None
   block_n = block_n or max(16, min(BLOCK_N_MAX if d_pad <= 64 else 32, config.next_pow2(n)))
   block_t = block_t or max(16, min(BLOCK_T_MAX, config.next_pow2(t)))
+  config.check_slab("read_block", n, max(t, width))
   splits, split_len = config._split_axis(kv_splits, {}, "kv_splits", n, block_n,
                                          q_blocks * b * heads)
   num_stages = 2
-  itemsize = 4 if fp32 else 2
+  itemsize = 4 if dtype_name == "float32" else 2
   if smem_need(block_m, block_n, block_t, d_pad, itemsize, num_stages) > SMEM_BUDGET:
     return None
-  num_warps = 8 if (fp32 or block_m * d_pad >= 4096) else 4
+  num_warps = 8 if (ieee or block_m * d_pad >= 4096) else 4
   return ReadBlockPlan(block_m, block_n, block_t, d_pad, splits, split_len, num_warps,
                        num_stages)
 
 
 @triton.jit
 def _read_attn_kernel(
-    q_ptr, x_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr, o_ptr, lse_ptr,
+    q_ptr, x_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr, o_ptr, lse_ptr, k_ptr, v_ptr,
     SCALE: tl.constexpr, B: tl.constexpr, H: tl.constexpr, M: tl.constexpr,
     N: tl.constexpr, T: tl.constexpr, DH: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
-    SPLIT_LEN: tl.constexpr, IEEE: tl.constexpr,
+    SPLIT_LEN: tl.constexpr, STORE_KV: tl.constexpr, PREC: tl.constexpr,
 ):
   pid_m = tl.program_id(0)
-  pid_bh = tl.program_id(1)
-  pid_s = tl.program_id(2)
+  pid_bh = tl.program_id(1).to(tl.int64)
+  pid_s = tl.program_id(2).to(tl.int64)
   b = pid_bh // H
   h = pid_bh % H
-  W = H * DH  # row stride of q, o and the weights
-  op_ty = x_ptr.dtype.element_ty
+  W: tl.constexpr = H * DH  # row stride of q, o, k, v and the weights
+  op_ty = q_ptr.dtype.element_ty
   offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
   offs_d = tl.arange(0, D_PAD)
   m_mask = offs_m < M
   d_mask = offs_d < DH
   md_mask = m_mask[:, None] & d_mask[None, :]
   col = h * DH + offs_d
-  q = tl.load(q_ptr + b * M * W + offs_m[:, None] * W + col[None, :], mask=md_mask,
-              other=0.0).to(op_ty)
+  q = tl.load(q_ptr + b * (M * W) + offs_m[:, None] * W + col[None, :], mask=md_mask,
+              other=0.0)
   bk = tl.load(bk_ptr + col, mask=d_mask, other=0.0).to(tl.float32)
   bv = tl.load(bv_ptr + col, mask=d_mask, other=0.0).to(tl.float32)
+  qk_scale: tl.constexpr = SCALE * 1.4426950408889634
 
   m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
   l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
   acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
-  x_base = x_ptr + b * N * T
-  start = pid_s * SPLIT_LEN
+  x_base = x_ptr + b * (N * T)
+  kv_base = b * (N * W)
+  start = (pid_s * SPLIT_LEN).to(tl.int32)
   stop = tl.minimum(start + SPLIT_LEN, N)
   for n0 in range(start, stop, BLOCK_N):
     offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -170,29 +156,38 @@ def _read_attn_kernel(
                    mask=n_mask[:, None] & t_mask[None, :], other=0.0).to(op_ty)
       w_idx = offs_t[:, None] * W + col[None, :]
       td_mask = t_mask[:, None] & d_mask[None, :]
-      wk = tl.load(wk_ptr + w_idx, mask=td_mask, other=0.0).to(op_ty)
-      wv = tl.load(wv_ptr + w_idx, mask=td_mask, other=0.0).to(op_ty)
-      k += mm(xt, wk, IEEE)
-      v += mm(xt, wv, IEEE)
+      wk = tl.load(wk_ptr + w_idx, mask=td_mask, other=0.0)
+      wv = tl.load(wv_ptr + w_idx, mask=td_mask, other=0.0)
+      k = tl.dot(xt, wk, k, input_precision=PREC)
+      v = tl.dot(xt, wv, v, input_precision=PREC)
+    # Rounded to the operand dtype, as an XLA projection stores them.
     k = (k + bk[None, :]).to(op_ty)
     v = (v + bv[None, :]).to(op_ty)
-    # Online softmax over the tile (fp32), as _attn_fwd_kernel.
-    s = mm(q, tl.trans(k), IEEE)
-    s = tl.where(n_mask[None, :], s * SCALE, float("-inf"))
+    if STORE_KV:
+      # Differentiated calls keep K, V for the backward (one program per key tile
+      # writes them: the first query block).
+      if pid_m == 0:
+        kv_idx = kv_base + offs_n[:, None] * W + col[None, :]
+        kv_m = n_mask[:, None] & d_mask[None, :]
+        tl.store(k_ptr + kv_idx, k, mask=kv_m)
+        tl.store(v_ptr + kv_idx, v, mask=kv_m)
+    # Online softmax over the tile (fp32, base 2), as _attn_fwd_kernel.
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+    s = tl.where(n_mask[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    p = tl.exp(s - m_new[:, None])
-    alpha = tl.exp(m_i - m_new)
+    p = tl.math.exp2(s - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + mm(p.to(op_ty), v, IEEE)
+    acc = acc * alpha[:, None] + tl.dot(p.to(op_ty), v, input_precision=PREC)
     m_i = m_new
 
   acc = acc / l_i[:, None]
-  lse = m_i + tl.log(l_i)
+  lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
   # o: [splits, B, M, H, DH]; lse: [splits, B, H, M] (splits = 1: the final output).
-  o_off = (pid_s * B + b) * M * W
+  o_off = (pid_s * B + b) * (M * W)
   tl.store(o_ptr + o_off + offs_m[:, None] * W + col[None, :],
            acc.to(o_ptr.dtype.element_ty), mask=md_mask)
-  tl.store(lse_ptr + (pid_s * B * H + pid_bh) * M + offs_m, lse, mask=m_mask)
+  tl.store(lse_ptr + (pid_s * (B * H) + pid_bh) * M + offs_m, lse, mask=m_mask)
 
 
 # ----------------------------------------------------------------------------
@@ -204,10 +199,12 @@ class ReadCfg(NamedTuple):
   interpret: bool
   block_sizes: config.BlockSizes
   plan: ReadBlockPlan
+  precision: str
 
 
-def _attn_impl(q, x, wk, bk, wv, bv, *, cfg: ReadCfg):
-  """o [B, M, W] = attention(q, x Wk + bk, x Wv + bv), K/V never in memory."""
+def _attn_impl(q, x, wk, bk, wv, bv, *, cfg: ReadCfg, store_kv: bool):
+  """o [B, M, W] (and lse [B, H, M]; k, v [B, N, W] with store_kv) of
+  attention(q, x Wk + bk, x Wv + bv); without store_kv K/V never reach memory."""
   bsz, m, width = q.shape
   n, t = x.shape[1:]
   h = cfg.num_heads
@@ -217,65 +214,77 @@ def _attn_impl(q, x, wk, bk, wv, bv, *, cfg: ReadCfg):
   s = pl.kv_splits
   common = dict(B=bsz, H=h, DH=dh, D_PAD=pl.d_pad, BLOCK_M=pl.block_m)
   part_dt = q.dtype if s == 1 else jnp.float32
-  o_part, lse_part = launch(
+  kv_shape = (bsz, n, width) if store_kv else (1,)
+  o_part, lse_part, k, v = launch(
       _read_attn_kernel, (q_blocks, bsz * h, s), (q, x, wk, bk, wv, bv),
       (jax.ShapeDtypeStruct((s, bsz, m, width), part_dt),
-       jax.ShapeDtypeStruct((s, bsz, h, m), jnp.float32)),
+       jax.ShapeDtypeStruct((s, bsz, h, m), jnp.float32),
+       jax.ShapeDtypeStruct(kv_shape, q.dtype), jax.ShapeDtypeStruct(kv_shape, q.dtype)),
       interpret=cfg.interpret, num_warps=pl.num_warps, num_stages=pl.num_stages,
       SCALE=float(dh ** -0.5), M=m, N=n, T=t, BLOCK_N=pl.block_n, BLOCK_T=pl.block_t,
-      SPLIT_LEN=pl.split_len, IEEE=jnp.dtype(x.dtype) == jnp.float32, **common)
+      SPLIT_LEN=pl.split_len, STORE_KV=store_kv,
+      PREC=_precision.triton_input_precision(cfg.precision), **common)
   if s == 1:
-    return (o_part[0],)
-  o, _ = launch(
-      ak._attn_combine_kernel, (q_blocks, bsz * h),
-      (o_part.reshape(s, bsz, m, h, dh), lse_part),
-      (jax.ShapeDtypeStruct((bsz, m, h, dh), q.dtype),
-       jax.ShapeDtypeStruct((bsz, h, m), jnp.float32)),
-      interpret=cfg.interpret, num_warps=pl.num_warps, num_stages=1, SPLITS=s, LQ=m,
-      **common)
-  return (o.reshape(bsz, m, width),)
+    o, lse = o_part[0], lse_part[0]
+  else:
+    o, lse = launch(
+        ak._attn_combine_kernel, (q_blocks, bsz * h),
+        (o_part.reshape(s, bsz, m, h, dh), lse_part),
+        (jax.ShapeDtypeStruct((bsz, m, h, dh), q.dtype),
+         jax.ShapeDtypeStruct((bsz, h, m), jnp.float32)),
+        interpret=cfg.interpret, num_warps=pl.num_warps, num_stages=1, SPLITS=s, LQ=m,
+        **common)
+    o = o.reshape(bsz, m, width)
+  return (o, lse, k, v) if store_kv else (o,)
 
 
-@functools.lru_cache(maxsize=None)
-def _unit(cfg: ReadCfg):
+@cached
+def _unit(cfg: ReadCfg, store_kv: bool):
   # q and x carry the batch axis (a vmapped axis folds into it); the weights do not.
-  return vmappable(functools.partial(_attn_impl, cfg=cfg), (True, True) + (False,) * 4)
+  return vmappable(functools.partial(_attn_impl, cfg=cfg, store_kv=store_kv),
+                   (True, True) + (False,) * 4)
 
 
-def fused_forward(z, x, p, cfg: ReadCfg):
-  """The fused read-block forward (no autodiff rule: use `read_block`)."""
-  bsz, m, d = z.shape
-  width = p.wq.shape[1]
-  kw = dict(interpret=cfg.interpret, block_sizes=cfg.block_sizes)
-  z2 = z.reshape(bsz * m, d)
-  q = fused_linear(z2, p.wq, p.bq, ln=(p.ln_scale, p.ln_bias), **kw)
-  (o,) = _unit(cfg)(q.reshape(bsz, m, width), x, p.wk, p.bk, p.wv, p.bv)
-  y = fused_linear(o.reshape(bsz * m, width), p.wo, p.bo, residual=z2, out_dtype=z.dtype,
-                   **kw)
-  return y.reshape(z.shape)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def kv_attention(q, x, wk, bk, wv, bv, cfg: ReadCfg):
+  """attention(q, x Wk + bk, x Wv + bv) with the K/V projection inside the kernel.
+
+  q [B, M, W] (operand dtype), x [B, N, T], weights in the operand dtype. Forward:
+  one _read_attn_kernel launch (+ combine when split); under differentiation the same
+  kernel also stores K, V, which the backward (the attention backward kernels, then
+  XLA GEMMs for dX, dWk, dWv) reads instead of recomputing them."""
+  return _unit(cfg, False)(q, x, wk, bk, wv, bv)[0]
 
 
-def _composed(z, x, p, cfg: ReadCfg):
-  from kernels.triton_gpu import blocks  # blocks imports this module
-  y = blocks._attend(z, x, p, cfg.num_heads, cfg.interpret, cfg.block_sizes, z.dtype)
-  return y.reshape(z.shape)
+def _kv_fwd(q, x, wk, bk, wv, bv, cfg):
+  o, lse, k, v = _unit(cfg, True)(q, x, wk, bk, wv, bv)
+  return o, (q, x, wk, wv, bk, bv, k, v, o, lse)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def read_block(z, x, p, cfg: ReadCfg):
-  return fused_forward(z, x, p, cfg)
+def _kv_bwd(cfg, res, do):
+  from kernels.triton_gpu import attention
+  q, x, wk, wv, bk, bv, k, v, o, lse = res
+  bsz, m, width = q.shape
+  n = x.shape[1]
+  h = cfg.num_heads
+  dh = width // h
+  split = lambda a, l: a.reshape(bsz, l, h, dh)
+  bwd = attention.units(float(dh ** -0.5), cfg.interpret, cfg.block_sizes, cfg.precision)[1]
+  dq, dk, dv = bwd(split(q, m), split(k, n), split(v, n), split(o, m), lse,
+                   split(do.astype(q.dtype), m))
+  dk, dv = dk.reshape(bsz, n, width), dv.reshape(bsz, n, width)
+  prec = _precision.lax_precision(cfg.precision)
+  f32 = jnp.float32
+  # dX = dK Wk^T + dV Wv^T; dW = X^T dK (XLA GEMMs, fp32 accumulation).
+  dx = (jnp.einsum("bnw,tw->bnt", dk, wk, precision=prec, preferred_element_type=f32)
+        + jnp.einsum("bnw,tw->bnt", dv, wv, precision=prec, preferred_element_type=f32))
+  xo = x.astype(q.dtype)
+  dwk = jnp.einsum("bnt,bnw->tw", xo, dk, precision=prec, preferred_element_type=f32)
+  dwv = jnp.einsum("bnt,bnw->tw", xo, dv, precision=prec, preferred_element_type=f32)
+  dbk = jnp.sum(dk, axis=(0, 1), dtype=f32)
+  dbv = jnp.sum(dv, axis=(0, 1), dtype=f32)
+  return (dq.reshape(q.shape), dx.astype(x.dtype), dwk.astype(wk.dtype),
+          dbk.astype(bk.dtype), dwv.astype(wv.dtype), dbv.astype(bv.dtype))
 
 
-def _rb_fwd(z, x, p, cfg):
-  # A differentiated call runs the composed forward and keeps its residuals for the
-  # composed backward: fused forward + composed re-run would compute the forward twice.
-  out, vjp = jax.vjp(functools.partial(_composed, cfg=cfg), z, x, p)
-  return out, vjp
-
-
-def _rb_bwd(cfg, vjp, dy):
-  del cfg
-  return vjp(dy)
-
-
-read_block.defvjp(_rb_fwd, _rb_bwd)
+kv_attention.defvjp(_kv_fwd, _kv_bwd)

@@ -2,10 +2,10 @@
 
     python -m kernels.triton_gpu.tune [--dtype bfloat16] [--write]
 
-For each attention and token-wise matmul shape of the published RIN configs
-(kernels.triton_gpu.compile_report.PUBLISHED, at --batch), times forward +
-backward of the op through jax-triton for every candidate in a small grid, keeps
-the fastest, prints the table and (with --write) rewrites autotune_table.py.
+For each attention shape of the published RIN configs (kernels.triton_gpu.shapes.PUBLISHED,
+at --batch), times forward + backward of the op through jax-triton for every candidate in
+a small grid, keeps the fastest, prints the table and (with --write) rewrites TABLE in
+autotune_table.py (WINS, its other half, is written by gpu_check --write-wins).
 Needs an NVIDIA GPU with jax-triton; not runnable on CPU.
 """
 from __future__ import annotations
@@ -21,10 +21,8 @@ import jax.numpy as jnp
 
 from bench import timing
 
-ATTN_GRID = dict(block_q=(32, 64, 128), block_kv=(32, 64, 128), num_warps=(4, 8),
+ATTN_GRID = dict(block_q=(64, 128), block_kv=(64, 128), num_warps=(4, 8),
                  num_stages=(2, 3))
-LINEAR_GRID = dict(block_rows=(32, 64, 128), block_cols=(64, 128), block_k=(32, 64),
-                   num_warps=(4, 8), num_stages=(2, 3))
 
 
 def _time(f, *args, iters=20):
@@ -47,10 +45,9 @@ def _best(make_fn, args, grid):
 
 
 def tune(dtype, batch):
-  from kernels.triton_gpu import compile_report as cr
+  from kernels.triton_gpu import shapes as cr
   from kernels.triton_gpu import config
   from kernels.triton_gpu.attention import cross_attention
-  from kernels.triton_gpu.linear import fused_linear
   table = {}
   seen = set()
   for s in cr.PUBLISHED:
@@ -74,29 +71,6 @@ def tune(dtype, batch):
         c = best[1]
         table[key] = dict(c, block_q_bwd=c["block_q"], block_kv_bwd=c["block_kv"])
         print(key, f"{best[0] * 1e6:.1f} us", table[key])
-    if s.op == "attention":
-      continue
-    # Token-wise matmuls of the block (rows looked up by power-of-two bucket).
-    shapes = [(s.lq, s.cq, s.width), (s.lk, s.ckv, s.width), (s.lq, s.width, s.cq)]
-    if s.mlp:
-      shapes += [(s.lq, s.cq, s.mlp), (s.lq, s.mlp, s.cq)]
-    for r, kk, n in shapes:
-      r *= batch
-      key = f"linear:{config.next_pow2(r)}x{kk}x{n}:{dtype}"
-      if key in seen:
-        continue
-      seen.add(key)
-      x = jax.random.normal(jax.random.key(1), (r, kk), dtype)
-      w = jax.random.normal(jax.random.key(2), (kk, n), dtype) * kk ** -0.5
-      b = jnp.zeros((n,), dtype)
-      def make(c):
-        bs = config.BlockSizes(**c)
-        return jax.jit(jax.grad(lambda x, w, b: jnp.sum(fused_linear(
-            x, w, b, block_sizes=bs).astype(jnp.float32)), argnums=(0, 1, 2)))
-      best = _best(make, (x, w, b), LINEAR_GRID)
-      if best:
-        table[key] = best[1]
-        print(key, f"{best[0] * 1e6:.1f} us", table[key])
   return table
 
 
@@ -117,7 +91,7 @@ def main(argv=None):
     from kernels.triton_gpu import autotune_table
     path = autotune_table.__file__
     src = open(path).read()
-    head = src[: src.index("TABLE")]
+    head = src[: src.index("\nTABLE: dict") + 1]
     with open(path, "w") as fh:
       fh.write(head + f"TABLE: dict[str, dict[str, int]] = {text}\n")
     print("wrote", os.path.relpath(path))

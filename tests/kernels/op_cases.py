@@ -139,9 +139,10 @@ def value_and_grads(fn, args, ct):
 
 
 def oracle(op, args, ct, **kw):
-  """Float64 reference value and gradients (needs jax_enable_x64)."""
+  """Float64 reference value and gradients at precision="highest" (needs jax_enable_x64)."""
   assert jax.config.jax_enable_x64, "the float64 oracle needs jax_enable_x64"
-  fn = {"attention": lambda q, k, v: reference.cross_attention(q, k, v),
+  kw = dict(kw, precision="highest")
+  fn = {"attention": lambda q, k, v: reference.cross_attention(q, k, v, precision="highest"),
         "read": lambda z, x, p: reference.read_block(z, x, p, **kw),
         "write": lambda x, z, p: reference.write_block(x, z, p, **kw)}[op]
   return value_and_grads(fn, to64(args), to64(ct))
@@ -167,3 +168,40 @@ def assert_close(got, want, dtype=None, what="", *, tol=None):
     err = float(np.max(np.abs(g - w)))
     assert err <= tol * scale, (
         f"{what}{path}: max abs err {err:.3g} > {tol:g} * {scale:.3g} (dtype {dtype if dtype is None else jnp.dtype(dtype)})")
+
+
+def assert_close_per_value(got, want, *, tol, what="", zero_scaled_by=None):
+  """Every leaf finite and, element by element, |got - want| <= tol * (|want| + rms(want)),
+  rms over that leaf alone: no floor of 1 and none shared between leaves, so a leaf that
+  is wrong by a few percent fails even when another leaf is much larger.
+
+  zero_scaled_by: {path suffix: other path suffix} for leaves that are exactly zero in
+  exact arithmetic (the key-bias gradient of attention: softmax ignores a per-query
+  constant); they are held to tol * rms of the named leaf instead of their own rounding
+  noise."""
+  got_l = jax.tree.leaves(got)
+  want_pl = jax.tree_util.tree_leaves_with_path(want)
+  assert len(got_l) == len(want_pl), (len(got_l), len(want_pl))
+  paths = [jax.tree_util.keystr(p) for p, _ in want_pl]
+  want_l = [np.asarray(w, np.float64) for _, w in want_pl]
+  rms = {p: float(np.sqrt(np.mean(np.square(w)))) if w.size else 0.0
+         for p, w in zip(paths, want_l)}
+  zero_scaled_by = zero_scaled_by or {}
+  for path, g, w in zip(paths, got_l, want_l):
+    g = np.asarray(jnp.asarray(g, jnp.float32), np.float64)
+    assert g.shape == w.shape, f"{what}{path}: shape {g.shape} != {w.shape}"
+    assert np.all(np.isfinite(g)), f"{what}{path}: non-finite values"
+    suffix = next((s for s in zero_scaled_by if path.endswith(s)), None)
+    if suffix is not None:
+      scale = rms[path[:-len(suffix)] + zero_scaled_by[suffix]]
+      err = float(np.max(np.abs(g - w))) if g.size else 0.0
+      assert err <= tol * scale, f"{what}{path}: max abs err {err:.3g} > {tol:g} * {scale:.3g}"
+      continue
+    bound = tol * (np.abs(w) + rms[path])
+    bad = np.abs(g - w) > bound
+    if np.any(bad):
+      i = np.unravel_index(np.argmax(np.abs(g - w) / np.maximum(bound, 1e-300)), g.shape)
+      raise AssertionError(
+          f"{what}{path}: {int(bad.sum())} of {g.size} values off, worst at {i}: got "
+          f"{g[i]:.6g}, want {w[i]:.6g} (bound {bound[i]:.3g} = {tol:g} * (|want| + rms "
+          f"{rms[path]:.3g}))")

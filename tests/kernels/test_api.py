@@ -162,3 +162,31 @@ def test_reference_gelu_is_the_exact_erf_gelu_forward_and_backward():
   assert np.max(np.abs(np.asarray(jax.nn.gelu(x32, approximate=True)) - x64 * phi)) > 1e-4
   xb = x32.astype(jnp.bfloat16)
   assert reference.gelu(xb).dtype == jnp.bfloat16
+
+
+def test_precision_policy_of_the_xla_path():
+  """The "xla" implementation runs XLA's default precision (TF32 for fp32 on GPU), as a
+  plain XLA model does; precision="highest" asks for exact dots; anything else raises."""
+  q = jnp.zeros((1, 8, 2, 16), jnp.float32)
+  jp = lambda **kw: str(jax.make_jaxpr(lambda a: kernels.cross_attention(
+      a, a, a, implementation="xla", **kw))(q))
+  assert "HIGHEST" not in jp() and "HIGHEST" in jp(precision="highest")
+  with pytest.raises(ValueError, match="precision"):
+    kernels.cross_attention(q, q, q, implementation="xla", precision="tf32x3")
+
+
+def test_gpu_default_is_measured_per_shape_class(monkeypatch):
+  from kernels import api
+  from kernels.triton_gpu import autotune_table
+  monkeypatch.setattr(api.jax, "default_backend", lambda: "gpu")
+  q = jnp.zeros((1, 8, 2, 16), jnp.bfloat16)
+  key = api.shape_class("attention", q, q)
+  assert key == "attention:8x2x16x8x2x16:bfloat16"
+  monkeypatch.setattr(autotune_table, "WINS", {})
+  assert api.resolve_implementation(None, key) == "xla"        # nothing measured
+  monkeypatch.setattr(autotune_table, "WINS", {key: dict(triton_us=1.0, xla_us=2.0)})
+  assert api.resolve_implementation(None, key) == "triton"     # measured faster
+  assert api.resolve_implementation(None, "attention:other:bfloat16") == "xla"
+  monkeypatch.setattr(autotune_table, "WINS", {key: dict(triton_us=3.0, xla_us=2.0)})
+  assert api.resolve_implementation(None, key) == "xla"        # measured slower
+  assert api.resolve_implementation("triton", key) == "triton"  # explicit always runs
