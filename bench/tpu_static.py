@@ -73,8 +73,8 @@ def make_config(name: str):
     cfg.model.patch_size = int(name.rsplit("_p", 1)[1])
   elif name == "tiny":
     cfg = cifar10.get_config()
-    cfg.model.update(image_size=8, patch_size=2, num_latents=16, latent_dim=64, latent_heads=2,
-                     num_blocks=1, latent_layers_per_block=1, interface_dim=32, rw_heads=1)
+    cfg.model.update(image_size=8, patch_size=2, num_latents=16, latent_dim=128, latent_heads=4,
+                     num_blocks=1, latent_layers_per_block=1, interface_dim=128, rw_heads=4)
   else:
     raise ValueError(f"config must be one of {CONFIGS + ('tiny',)}, got {name!r}")
   cfg.train.dtype = "bfloat16"
@@ -365,7 +365,7 @@ def op_classes(ops):
       cls["vector_alu"] += n
     elif o.startswith("s"):
       cls["scalar"] += n
-  return {k: round(v, 1) for k, v in cls.items()}
+  return {k: round(v, 3) for k, v in cls.items()}
 
 
 # ----------------------------------------------------------------------------
@@ -535,28 +535,52 @@ def worker_kernels(gen, configs, modes, batch):
 
 
 def worker_profile(gen, exports, start, results_path):
-  """Static LLO profile of each exported kernel, appended to results_path as JSON lines
-  (the profiler aborts the process on some kernels: the parent restarts after those)."""
+  """Static LLO profile of each exported kernel, appended to results_path as JSON lines.
+
+  Inputs and outputs take the layouts the kernel wants (Layout.AUTO), so XLA adds no layout
+  copies (the profiler cannot model their DMAs and aborts). The profiler also aborts the
+  process on some kernels after writing their profile: the file is read as soon as it
+  appears, from a second thread, and the parent restarts this worker after an abort."""
+  import threading
   import jax
+  from jax.experimental.layout import Format, Layout
   topo, sds = _placed(GENERATIONS[gen][0])
+  sharding = jax.sharding.SingleDeviceSharding(topo.devices[0])
   prof_dir = os.environ["RIN_TPU_STATIC_PROF"]
+
+  def record(**kw):
+    with open(results_path, "a") as f:
+      f.write(json.dumps(kw) + "\n")
+
+  def read_cycles(name):
+    for p in glob.glob(os.path.join(prof_dir, f"*{name}*static_llo_profile*")):
+      m = re.search(r"estimated_cycles:\s*(\d+)", open(p).read())
+      if m:
+        return int(m.group(1))
+    return None
+
   for i in range(start, len(exports)):
     x = exports[i]
-    with open(results_path, "a") as f:
-      f.write(json.dumps(dict(index=i, started=True)) + "\n")
+    record(index=i, started=True)
     for p in glob.glob(os.path.join(prof_dir, "*")):
       os.remove(p)
     exp = jax.export.deserialize(bytearray(open(x["path"], "rb").read()))
     args = [sds(a.shape, a.dtype) for a in exp.in_avals]
-    jax.jit(exp.call).lower(*args).compile()
+    auto = Format(Layout.AUTO, sharding)
+    fn = jax.jit(exp.call, in_shardings=tuple(auto for _ in args),
+                 out_shardings=auto)
+    done = threading.Event()
+    th = threading.Thread(target=lambda: (fn.lower(*args).compile(), done.set()), daemon=True)
+    th.start()
     cycles = None
-    for p in glob.glob(os.path.join(prof_dir, f"*{x['name']}*static_llo_profile*")):
-      m = re.search(r"estimated_cycles:\s*(\d+)", open(p).read())
-      if m:
-        cycles = int(m.group(1))
-    with open(results_path, "a") as f:
-      f.write(json.dumps(dict(index=i, cycles=cycles)) + "\n")
+    while cycles is None and not done.is_set():
+      time.sleep(0.2)
+      cycles = read_cycles(x["name"])
+    if cycles is None:
+      cycles = read_cycles(x["name"])
+    record(index=i, cycles=cycles)
     print(f"[{gen}] profile {x['key'][:100]}: {cycles} cycles", file=sys.stderr, flush=True)
+    th.join()
 
 
 # ----------------------------------------------------------------------------
