@@ -40,7 +40,7 @@ def timestep_embedding(gamma, dim: int, max_period: float = 10000.0):
   emb = jnp.concatenate([jnp.sin(args), jnp.cos(args[:, :n_cos])], axis=-1)
   mean = emb.mean(-1, keepdims=True)
   std = emb.std(-1, keepdims=True)
-  return (emb - mean) / (std + 1e-6)
+  return (emb - mean) / jnp.where(std > 0, std, 1.0)   # as the authors: no epsilon
 
 
 class PatchStem(nn.Module):

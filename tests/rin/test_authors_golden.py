@@ -202,10 +202,11 @@ def test_time_embedding_matches_the_authors(golden, dim):
   # Per value: the phase gamma*1000*freq rounds at ~1 ulp of itself on each side (and freq
   # is formed differently), sin/cos move by at most that; standardising divides by the std.
   phase = gamma.astype(np.float64) * 1000.0
-  tol = 4 * EPS32 * (1.0 + phase[:, None]) / _raw_std(gamma, dim)[:, None]
+  tol = np.broadcast_to(4 * EPS32 * (1.0 + phase[:, None]) / _raw_std(gamma, dim)[:, None],
+                        theirs.shape)
   err = np.abs(ours - theirs)
   assert np.all(err <= tol), (f"dim {dim}: worst |diff| {err.max():.3g}, allowed there "
-                              f"{tol.flat[np.argmax(err - tol)]:.3g}")
+                              f"{tol.flat[np.argmax(err - tol)]:.3g} (gamma {gamma[np.argmax(err - tol) // dim]})")
 
 
 def _raw_std(gamma, dim):
