@@ -608,8 +608,10 @@ def train(config: ConfigDict, workdir: str, *, implementation: str | None = None
     def run_eval(step_now):
       nonlocal evaluator, eval_sample_fn
       if eval_sample_fn is None:
-        evaluator = (video_lib.VideoEvaluator(config) if video_lib.is_video(config) else
-                     Evaluator(config, dataset)) if distributed.is_primary() else None
+        if video_lib.is_video(config):   # every process samples; the primary scores
+          evaluator = video_lib.VideoEvaluator(config)
+        else:
+          evaluator = Evaluator(config, dataset) if distributed.is_primary() else None
         eval_sample_fn = make_sample_fn(
             model, config, out_sharding=rep,
             **eval_sample_options(config, ev_cfg.get("sample_steps",

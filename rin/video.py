@@ -114,7 +114,8 @@ class VideoEvaluator:
     self.config = config
     self.clips, self.positions = test_clips(config, ev.get("num_samples", 256))
     self.crop_fd = None
-    if self.positions is not None and ev.get("digits", True):
+    from rin import distributed
+    if self.positions is not None and ev.get("digits", True) and distributed.is_primary():
       self.crop_fd = video_metrics.DigitCropFD(config.data.get("digit_size", 8))
     path = ev.get("fvd_network_path", "")
     self.fvd = video_metrics.FVDEvaluator(path) if path else None
@@ -124,6 +125,9 @@ class VideoEvaluator:
     fc = self.config.model.cond_frames
     pred = predict(sample_fn, params, self.clips, seed=seed, batch_size=batch_size,
                    cond_frames=fc)
+    from rin import distributed
+    if not distributed.is_primary():
+      return {}, pred
     cond, truth = split_clip(self.clips, fc)
     pos = None if self.positions is None else self.positions[:, fc:]
     res = video_metrics.video_metrics(pred, truth, cond, positions=pos, crop_fd=self.crop_fd,

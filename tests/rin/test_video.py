@@ -343,7 +343,7 @@ def test_ssim_matches_a_direct_windowed_computation():
                   ((mx ** 2 + my ** 2 + 1e-4) * (vx + vy + 9e-4)))
   np.testing.assert_allclose(got, np.mean(vals), rtol=1e-10)
   assert video_metrics.ssim(t, t)[0] == pytest.approx(1.0)
-  assert got < 0.9
+  assert got < 0.95                 # noise lowers it
 
 
 def test_video_metrics_report_the_copy_last_baseline():
