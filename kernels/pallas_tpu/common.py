@@ -61,6 +61,24 @@ def mm_tn(a, b, dtype):
                              preferred_element_type=jnp.float32)
 
 
+def bmm(a, b, dtype):
+  """Batched a @ b over the leading (head) axis: [h, m, k] x [h, k, n] -> [h, m, n]."""
+  return jax.lax.dot_general(a.astype(dtype), b.astype(dtype), (((2,), (1,)), ((0,), (0,))),
+                             preferred_element_type=jnp.float32)
+
+
+def bmm_nt(a, b, dtype):
+  """Batched a @ b^T: [h, m, k] x [h, n, k] -> [h, m, n]."""
+  return jax.lax.dot_general(a.astype(dtype), b.astype(dtype), (((2,), (2,)), ((0,), (0,))),
+                             preferred_element_type=jnp.float32)
+
+
+def bmm_tn(a, b, dtype):
+  """Batched a^T @ b: [h, k, m] x [h, k, n] -> [h, m, n]."""
+  return jax.lax.dot_general(a.astype(dtype), b.astype(dtype), (((1,), (1,)), ((0,), (0,))),
+                             preferred_element_type=jnp.float32)
+
+
 def layer_norm_fwd(x, scale, bias):
   """x [n, C] float32 -> (y, xhat, rstd), two-pass variance like the reference."""
   mean = jnp.mean(x, axis=-1, keepdims=True)

@@ -65,6 +65,21 @@ def test_attention_streamed_keys_small_blocks_fp32():
                   block_sizes=P.AttentionBlockSizes(block_q=8, block_k=128))
 
 
+@pytest.mark.parametrize("block_h", [1, 2, None], ids=["h1", "h2", "default"])
+def test_attention_head_blocks_fp32(block_h):
+  # Several heads per grid step (4 heads, streamed partial key blocks): fwd and all grads.
+  check_attention((2, 9, 200, 4, 16), jnp.float32,
+                  block_sizes=P.AttentionBlockSizes(block_q=8, block_k=128, block_h=block_h))
+
+
+def test_attention_head_block_rules():
+  bs = P.AttentionBlockSizes().resolve(128, 128)
+  assert bs.with_heads(16).block_h == 16            # 16 x 128 x 128 scores fit one step
+  assert P.AttentionBlockSizes().resolve(512, 2048).with_heads(16).block_h == 2  # 256 x 2048
+  with pytest.raises(ValueError, match="block_h=3 must be a positive divisor"):
+    P.AttentionBlockSizes(block_h=3).resolve(8, 8).with_heads(4)
+
+
 @pytest.mark.parametrize("shape", [(1, 7, 200, 2, 72), (1, 64, 256, 2, 32)], ids=str)
 def test_attention_bf16(shape):
   check_attention(shape, jnp.bfloat16)
