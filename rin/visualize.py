@@ -26,19 +26,6 @@ from rin import diffusion
 from rin import train as train_lib
 from rin import xla_cpu
 
-_CONFIG = config_flags.DEFINE_config_file("config", "rin/configs/digits.py", "Config file.")
-_WORKDIR = flags.DEFINE_string("workdir", "runs/digits", "Training workdir with checkpoints.")
-_OUT = flags.DEFINE_string("out", None, "Output folder (default <workdir>/attention).")
-_NUM = flags.DEFINE_integer("num_samples", 4, "How many samples to draw maps for.")
-_STEPS = flags.DEFINE_integer("steps", None, "Sampling steps (default config).")
-_SAMPLER = flags.DEFINE_enum("sampler", None, list(diffusion.SAMPLERS), "Sampler.")
-_AT = flags.DEFINE_list("at_steps", None, "Sampling steps to show (default 4 spread out).")
-_HEADS = flags.DEFINE_enum("heads", "mean", ["mean", "all"], "Average heads or show each.")
-_LATENT = flags.DEFINE_integer("latent", None, "One latent's map (default: mean of all).")
-_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
-_LABEL = flags.DEFINE_integer("label", None, "Class label (default: uniform).")
-
-
 def default_at_steps(num_steps: int) -> list[int]:
   return sorted({0, num_steps // 4, num_steps // 2, num_steps - 1})
 
@@ -172,6 +159,23 @@ def load_ema_params(config, workdir: str, model):
   return state.ema_params, step
 
 
+def _define_flags():
+  """Defined when run as a program only, so importing rin.visualize next to rin.sample
+  (whose flags share these names) defines no flag twice."""
+  global _CONFIG, _WORKDIR, _OUT, _NUM, _STEPS, _SAMPLER, _AT, _HEADS, _LATENT, _SEED, _LABEL
+  _CONFIG = config_flags.DEFINE_config_file("config", "rin/configs/digits.py", "Config file.")
+  _WORKDIR = flags.DEFINE_string("workdir", "runs/digits", "Training workdir with checkpoints.")
+  _OUT = flags.DEFINE_string("out", None, "Output folder (default <workdir>/attention).")
+  _NUM = flags.DEFINE_integer("num_samples", 4, "How many samples to draw maps for.")
+  _STEPS = flags.DEFINE_integer("steps", None, "Sampling steps (default config).")
+  _SAMPLER = flags.DEFINE_enum("sampler", None, list(diffusion.SAMPLERS), "Sampler.")
+  _AT = flags.DEFINE_list("at_steps", None, "Sampling steps to show (default 4 spread out).")
+  _HEADS = flags.DEFINE_enum("heads", "mean", ["mean", "all"], "Average heads or show each.")
+  _LATENT = flags.DEFINE_integer("latent", None, "One latent's map (default: mean of all).")
+  _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+  _LABEL = flags.DEFINE_integer("label", None, "Class label (default: uniform).")
+
+
 def main(argv):
   del argv
   config = _CONFIG.value
@@ -189,4 +193,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

@@ -29,10 +29,11 @@ def test_maps_are_the_read_probabilities_and_sampling_is_unchanged(setup, tmp_pa
   assert cap[0].shape == (m.num_blocks, 2, m.rw_heads, m.num_latents, n_patches)
   np.testing.assert_allclose(cap[0].sum(-1), 1.0, rtol=1e-5)       # softmax over patches
   assert not np.allclose(cap[0], cap[3])                            # maps move with t
-  # Capturing changes nothing: the same samples as the plain sampling function.
+  # Capturing changes nothing: the same samples as the plain sampling function (up to
+  # float32 rounding: XLA fuses the two programs differently; seen 1.6e-6).
   fn = train_lib.make_sample_fn(model, cfg, num_steps=4, sampler="ddim")
   want = fn(params, jax.random.fold_in(jax.random.PRNGKey(3), 2), jnp.asarray(labels))
-  np.testing.assert_allclose(images, want, rtol=0, atol=1e-6)
+  np.testing.assert_allclose(images, want, rtol=0, atol=1e-5)
   maps = visualize.patch_maps(cap[0][1], m.image_size // m.patch_size, heads="all")
   assert maps.shape == (2, m.rw_heads, 4, 4)
   np.testing.assert_allclose(maps.sum((2, 3)), 1.0, rtol=1e-5)
