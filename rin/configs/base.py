@@ -22,7 +22,11 @@ def get_config() -> ml_collections.ConfigDict:
   # rin.diffusion: schedules, target and loss (authors' base config: pred_type/loss_type eps).
   c.diffusion = dict(
       train_schedule="sigmoid@-3,3,0.9", sample_schedule="cosine", target="eps",
-      loss_type="eps", self_cond_rate=0.9, sampler="ddpm", sample_steps=1000)
+      loss_type="eps", self_cond_rate=0.9, sampler="ddpm", sample_steps=1000,
+      # Classifier-free guidance (the authors' cond_dropout / guidance knobs, 0 in the
+      # published configs) and sampling options (rin.diffusion.sample; README "Sampling").
+      cond_dropout=0.0, guidance=0.0, guidance_interval=None, guidance_latents="shared",
+      time_delay=0.0, time_grid="uniform")
   # rin.optim: LAMB with the authors' cosine@r schedule (lr_schedule "cosine_to_zero" is
   # the older variant that reaches 0 after decay_fraction of the post-warm-up steps).
   c.optim = dict(
@@ -51,7 +55,8 @@ def get_config() -> ml_collections.ConfigDict:
   # (rin.metrics.InceptionV3), against fid_reference (.npz with mu, sigma) or the training
   # images. sampler/sample_steps: the authors evaluate with 1000-step DDPM; "" = the
   # diffusion sampler.
+  # protocol "authors" (with protocol_steps 1000 or 400): the paper's FID protocol (DDPM, cosine).
   c.eval = dict(num_samples=10_000, sampler="", sample_steps=100, batch_size=256,
                 at_start=True, inception_path="", fid_reference="",
-                fid_reference_images=10_000)
+                fid_reference_images=10_000, protocol="", protocol_steps=1000)
   return c
