@@ -202,9 +202,10 @@ class ReadBlock(_KernelBacked):
     d, t = z.shape[-1], x.shape[-1]
     width = self.width or min(d, t)
     params = ReadBlockParams(**_attention_params(self, d, t, width))
-    if self.is_mutable_collection("attention"):
+    if self.is_mutable_collection("attention") and not self.is_initializing():
       # Only when asked (apply(..., mutable=["attention"]), e.g. rin.visualize): the
       # read probabilities [B, heads, M, N] recomputed by the reference; kernels untouched.
+      # Not at init, where every collection is mutable: variables stay the parameters.
       self.sow("attention", "read", kernels.reference.attention_probs(
           z, x.astype(z.dtype), params, num_heads=self.num_heads))
     return kernels.read_block(z, x.astype(z.dtype), params, num_heads=self.num_heads,

@@ -16,7 +16,7 @@ from tests.rin.tiny import tiny_config
 def test_training_logs_the_digits_metric_and_tensorboard(tmp_path):
   cfg = tiny_config(num_steps=4, eval_every=2, sample_every=4, tensorboard=True)
   cfg.model.update(num_blocks=1)
-  cfg.eval.update(num_samples=20, sample_steps=2, batch_size=10)
+  cfg.eval.update(num_samples=20, sample_steps=2, batch_size=10, at_start=True)
   train_lib.train(cfg, str(tmp_path), progress=False)
   recs = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   ev = {r["step"]: r for r in recs if "eval/digits_fd" in r}
