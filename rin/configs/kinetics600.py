@@ -20,32 +20,18 @@ Where each value comes from:
   folders, ``train``/``test`` subfolders); nothing is downloaded. FVD needs the user's I3D as a
   serialised jax.export (rin.video_metrics.FVDEvaluator; eval.fvd_network_path).
 """
-import ml_collections
+from rin.configs import base
 
 
-def get_config() -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.model = dict(
+def get_config():
+  c = base.get_config()
+  c.model.update(
       image_size=64, channels=3, patch_size=4, tubelet_frames=2,
       num_frames=16, cond_frames=5,
-      num_latents=256, latent_dim=1024, latent_heads=16, latent_mlp_ratio=4.0,
-      num_blocks=6, latent_layers_per_block=4,
-      interface_dim=512, interface_mlp_ratio=4.0, rw_heads=16,
-      num_classes=0, self_cond_mlp_ratio=4.0, dropout=0.0, drop_path=0.0)
-  c.diffusion = dict(
-      train_schedule="sigmoid@-3,3,0.9", sample_schedule="cosine", target="eps",
-      self_cond_rate=0.9, sampler="ddpm", sample_steps=1000)
-  c.optim = dict(
-      learning_rate=2e-3, warmup_steps=10_000, decay_fraction=0.7,
-      b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2, grad_clip=0.0, ema_decay=0.9999)
-  c.train = dict(
-      dropout_rng="rbg", batch_chunks=0,
-      batch_size=1024, num_steps=150_000, seed=0, log_every=100,
-      checkpoint_every=5_000, sample_every=10_000, num_sample_images=16,
-      sample_steps_during_training=100, implementation="", dtype="float32",
-      fsdp=False, nonfinite="stop", max_consecutive_skips=100, keep_checkpoints=3,
-      eval_every=10_000, tensorboard=True)
-  c.data = dict(name="video_folder", path="", random_flip=False)
-  c.eval = dict(num_samples=256, sample_steps=100, batch_size=32, at_start=False,
-                fvd_network_path="")
+      num_latents=256, latent_dim=1024, num_blocks=6, latent_layers_per_block=4,
+      interface_dim=512, interface_mlp_ratio=4.0, rw_heads=16, num_classes=0)
+  c.optim.update(learning_rate=2e-3, decay_fraction=0.7)
+  c.train.update(batch_size=1024, num_sample_images=16)
+  c.data.update(name="video_folder", random_flip=False)
+  c.eval.update(num_samples=256, batch_size=32, at_start=False, fvd_network_path="")
   return c

@@ -9,38 +9,30 @@ sized to train within 15 minutes on 2 shared CPU cores (README, "Video"); 32x32 
 12x12 digits (--config.model.image_size=32 --config.data.digit_size=12) cost ~4x the
 interface work.
 """
-import ml_collections
+from rin.configs import base
 
 
-def get_config() -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.model = dict(
+def get_config():
+  c = base.get_config()
+  c.model.update(
       image_size=16, channels=1, patch_size=4, tubelet_frames=2,
       num_frames=16, cond_frames=5,
       num_latents=32, latent_dim=96, latent_heads=4, latent_mlp_ratio=2.0,
       num_blocks=2, latent_layers_per_block=1,
-      interface_dim=64, interface_mlp_ratio=2.0, rw_heads=4,
-      num_classes=0, self_cond_mlp_ratio=2.0, dropout=0.0, drop_path=0.0)
-  c.diffusion = dict(
-      train_schedule="sigmoid@-3,3,0.9", sample_schedule="cosine", target="eps",
-      self_cond_rate=0.9, sampler="ddim", sample_steps=50)
-  c.optim = dict(
-      learning_rate=2e-3, warmup_steps=100, decay_fraction=1.0,
-      b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2, grad_clip=1.0, ema_decay=0.995)
-  c.train = dict(
-      dropout_rng="rbg", batch_chunks=0,
-      batch_size=16, num_steps=1500, seed=0, log_every=25,
-      checkpoint_every=250, sample_every=750, num_sample_images=16,
-      sample_steps_during_training=25, implementation="", dtype="float32",
-      fsdp=False, nonfinite="stop", max_consecutive_skips=100, keep_checkpoints=3,
-      eval_every=750, tensorboard=True)
+      interface_dim=64, rw_heads=4, num_classes=0, self_cond_mlp_ratio=2.0)
+  c.diffusion.update(sampler="ddim", sample_steps=50)
+  c.optim.update(learning_rate=2e-3, warmup_steps=100, decay_fraction=1.0, grad_clip=1.0,
+                 ema_decay=0.995)
+  c.train.update(batch_size=16, num_steps=1500, log_every=25, checkpoint_every=250,
+                 sample_every=750, num_sample_images=16, sample_steps_during_training=25,
+                 eval_every=750)
   # Moving digits: clips per split, digit size, digits per clip, speed (px/frame, min, max).
-  c.data = dict(name="moving_digits", path="", random_flip=False, num_train_videos=4096,
+  c.data.update(name="moving_digits", random_flip=False, num_train_videos=4096,
                 num_test_videos=256, digit_size=8, num_digits=1, speed=(0.5, 1.5))
   # Evaluation every train.eval_every steps on the first num_samples test clips: per-frame
   # MSE/PSNR/SSIM vs the true continuation, the digit-crop Frechet distance, the
   # copy-last-conditioning-frame baseline beside them; FVD when fvd_network_path names a
   # serialised feature network (rin.video_metrics).
-  c.eval = dict(num_samples=128, sample_steps=25, batch_size=128, at_start=False,
+  c.eval.update(num_samples=128, sample_steps=25, batch_size=128, at_start=False,
                 fvd_network_path="")
   return c
