@@ -23,6 +23,9 @@ setup(
         "matplotlib",
         "scipy",
         "threadpoolctl",
+        # jax.export (de)serialisation: the FVD evaluator loads its feature network as a
+        # serialised jax.export artefact.
+        "flatbuffers",
     ],
     extras_require={
         # torch only feeds Triton's CPU interpreter in the tests (jax-triton needs a GPU).

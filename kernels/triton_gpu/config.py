@@ -141,24 +141,33 @@ def attention_plan(b: int, lq: int, lk: int, h: int, dh: int, dtype_name: str,
   num_warps = _pick(bs.num_warps, tab, "num_warps", 8 if ieee else 4)
   num_stages = _pick(bs.num_stages, tab, "num_stages", 2)
 
+  itemsize = 4 if dtype_name == "float32" else 2
+  # K and V tiles per pipeline stage plus the resident Q tile (forward); dK/dV
+  # pass: Q and dO tiles per stage plus the resident K, V tiles.
+  fwd_smem = lambda: num_stages * 2 * block_kv * d_pad * itemsize + block_q * d_pad * itemsize
+  bwd_smem = lambda: (num_stages * 2 * block_q_bwd * d_pad * itemsize
+                      + 2 * block_kv_bwd * d_pad * itemsize)
+  limit = min(SMEM_LIMIT_BYTES.values())
+  # Default tiles halve until they fit (float32 at head_dim > 64 does not at 64 rows); a size
+  # the caller or the tuning table chose is kept and, if it does not fit, named in the error.
+  chosen = lambda name: getattr(bs, name) is not None or name in tab
+  while fwd_smem() > limit and not chosen("block_kv") and block_kv > 16:
+    block_kv //= 2
+  while bwd_smem() > limit and not chosen("block_q_bwd") and block_q_bwd > 16:
+    block_q_bwd //= 2
+  while bwd_smem() > limit and not chosen("block_kv_bwd") and block_kv_bwd > 16:
+    block_kv_bwd //= 2
+  for what, need in (("forward", fwd_smem()), ("backward", bwd_smem())):
+    if need > limit:
+      raise ValueError(
+          f"triton attention {what}: block sizes need ~{need} bytes of shared memory "
+          f"(> {limit}, the A100 per-block limit); lower block_q/block_kv or num_stages")
+
   # Forward / dQ: split the key axis when query tiles alone leave SMs idle.
   splits, split_len = _split_axis(bs.kv_splits, tab, "kv_splits", lk, block_kv,
                                   cdiv(lq, block_q) * b * h)
   # dK/dV: split the query axis when key tiles alone leave SMs idle (write direction).
   qs, q_split_len = _split_axis(bs.q_splits_bwd, tab, "q_splits_bwd", lq, block_q_bwd,
                                 cdiv(lk, block_kv_bwd) * b * h)
-
-  itemsize = 4 if dtype_name == "float32" else 2
-  # K and V tiles per pipeline stage plus the resident Q tile (forward); dK/dV
-  # pass: Q and dO tiles per stage plus the resident K, V tiles.
-  fwd_smem = num_stages * 2 * block_kv * d_pad * itemsize + block_q * d_pad * itemsize
-  bwd_smem = (num_stages * 2 * block_q_bwd * d_pad * itemsize
-              + 2 * block_kv_bwd * d_pad * itemsize)
-  limit = min(SMEM_LIMIT_BYTES.values())
-  for what, need in (("forward", fwd_smem), ("backward", bwd_smem)):
-    if need > limit:
-      raise ValueError(
-          f"triton attention {what}: block sizes need ~{need} bytes of shared memory "
-          f"(> {limit}, the A100 per-block limit); lower block_q/block_kv or num_stages")
   return AttentionPlan(d_pad, block_q, block_kv, splits, split_len, block_q_bwd,
                        block_kv_bwd, qs, q_split_len, num_warps, num_stages)

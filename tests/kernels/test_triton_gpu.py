@@ -297,3 +297,16 @@ def test_whole_model_triton_interpret_matches_xla():
   # constant): held to the matching key kernel's scale.
   _close(g_tri, g_ref, 1e-3, "parameter gradients",
          zero={"['k']['bias']": "['k']['kernel']", "['bk']": "['wk']"})
+
+
+@pytest.mark.parametrize("dh", [72, 128, 256])
+def test_default_tiles_fit_shared_memory_at_float32(dh):
+  """float32 at head_dim > 64 does not fit 64-row tiles (the slow q200_k1000_d72 case raised
+  before the defaults shrank); the planned defaults fit every arch's per-block limit."""
+  from kernels.triton_gpu import config
+  plan = config.attention_plan(1, 200, 1000, 1, dh, "float32")
+  item, d = 4, plan.d_pad
+  fwd = plan.num_stages * 2 * plan.block_kv * d * item + plan.block_q * d * item
+  bwd = plan.num_stages * 2 * plan.block_q_bwd * d * item + 2 * plan.block_kv_bwd * d * item
+  assert max(fwd, bwd) <= min(config.SMEM_LIMIT_BYTES.values())
+  assert plan.block_q >= 16 and plan.block_kv >= 16
