@@ -76,7 +76,13 @@ def test_bad_pth_is_a_clear_error(tmp_path):
 def test_fid_matches_pytorch_fid_at_299(monkeypatch, pth):
   """Both resize 16 x 16 images to 299 (bilinear, half-pixel centres) and the FIDs of the
   same two image sets agree (two [2048, 2048] sqrtm: slow on 2 cores)."""
+  from pytorch_fid import fid_score
   from pytorch_fid.fid_score import calculate_frechet_distance
+  # pytorch-fid 0.3.0 calls sqrtm(..., disp=False), which scipy >= 1.16 removed; give it the
+  # old (sqrtm, error estimate) pair so their formula runs unchanged.
+  sqrtm = fid_score.linalg.sqrtm
+  monkeypatch.setattr(fid_score.linalg, "sqrtm",
+                      lambda a, disp=True: (sqrtm(a), 0.0) if not disp else sqrtm(a))
   rng = np.random.default_rng(2)
   a = rng.uniform(-1, 1, (5, 16, 16, 3)).astype(np.float32)
   b = np.clip(a + rng.normal(0, 0.3, a.shape), -1, 1).astype(np.float32)
