@@ -90,6 +90,18 @@ def copy_last_frame(cond, num_frames: int) -> np.ndarray:
   return np.repeat(c[:, -1:], num_frames, axis=1)
 
 
+def blank_frames(cond, num_frames: int) -> np.ndarray:
+  """The second baseline: every predicted frame is the conditioning frames' darkest value
+  per pixel (the background where no digit passed). Copy-last wins over the first frames
+  (the digit has barely moved), blank frames win once the digit has moved off its old
+  place (copy-last then pays for it twice: where it was and where it is); a model that
+  predicts motion beats both."""
+  c = np.asarray(cond)
+  if c.ndim != 5 or c.shape[1] < 1:
+    raise ValueError(f"blank_frames: cond must be [B, Fc >= 1, H, W, C], got {c.shape}")
+  return np.repeat(c.min(axis=1, keepdims=True), num_frames, axis=1)
+
+
 class DigitCropFD:
   """Per-frame digits Frechet distance of predicted moving-digits frames (module doc)."""
 
@@ -127,16 +139,18 @@ class DigitCropFD:
 
 def video_metrics(pred, truth, cond, *, positions=None, crop_fd: DigitCropFD | None = None,
                   fvd: "FVDEvaluator | None" = None) -> dict[str, Any]:
-  """Metrics of predictions vs the true continuation, the copy-last-frame baseline beside.
+  """Metrics of predictions vs the true continuation, two baselines beside (copy the last
+  conditioning frame; blank frames, `blank_frames`).
 
   pred, truth: [B, F - Fc, H, W, C]; cond: [B, Fc, H, W, C]; all in [-1, 1].
   positions: the true continuation's digit positions [B, F - Fc, K, 2] (for crop_fd).
   Scalars are means over predicted frames; *_per_frame lists hold each frame's value.
   """
   t = np.asarray(truth)
-  base = copy_last_frame(cond, t.shape[1])
+  baselines = {"copy_last_": copy_last_frame(cond, t.shape[1]),
+               "blank_": blank_frames(cond, t.shape[1])}
   out: dict[str, Any] = {}
-  for name, p in (("", pred), ("copy_last_", base)):
+  for name, p in (("", pred), *baselines.items()):
     mse, psnr = per_frame_mse_psnr(p, t)
     out[name + "mse"] = float(mse.mean())
     out[name + "psnr"] = float(psnr.mean())

@@ -355,6 +355,10 @@ def test_video_metrics_report_the_copy_last_baseline():
                                     crop_fd=crop_fd)
   assert res["psnr"] == 100.0 and res["ssim"] == pytest.approx(1.0)
   assert res["copy_last_psnr"] < 30 and res["copy_last_ssim"] < 0.95
+  blank = video_metrics.blank_frames(cond, truth.shape[1])
+  assert res["blank_psnr"] == pytest.approx(video_metrics.per_frame_mse_psnr(blank, truth)[1].mean())
+  assert res["blank_psnr"] < 30
+  np.testing.assert_array_equal(video_metrics.blank_frames(cond, 2)[:, 1], cond.min(1))
   assert res["digits_fd"] == pytest.approx(res["truth_digits_fd"])
   assert res["copy_last_digits_fd"] > res["truth_digits_fd"]    # the digit moved away
   assert len(res["psnr_per_frame"]) == 5
