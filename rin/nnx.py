@@ -56,10 +56,18 @@ def _dense(d_in: int, d_out: int, rngs: nnx.Rngs, dtype=None, kernel_init=layers
                     rngs=rngs)
 
 
+def _as_given(arrays, *, dtype=None, **_):
+  return arrays
+
+
 def _layer_norm(d: int, rngs: nnx.Rngs, dtype=None, **kw):
-  """rin.layers.LayerNorm: eps 1e-6, two-pass variance."""
+  """rin.layers.LayerNorm: eps 1e-6, two-pass variance.
+
+  No promotion (`_as_given`): linen's LayerNorm normalises with float32 statistics and its
+  float32 scale/bias and casts only the result to `dtype`; nnx's default first rounds input,
+  scale and bias to `dtype`, which changes bf16 outputs by ~1%."""
   return nnx.LayerNorm(d, epsilon=layers.LN_EPS, use_fast_variance=False, dtype=dtype,
-                       rngs=rngs, **kw)
+                       promote_dtype=_as_given, rngs=rngs, **kw)
 
 
 def _as_rngs(rngs):
