@@ -18,7 +18,8 @@ front door to the same computation, not a second implementation of it:
   patch/tubelet stems) are applied as linen modules to the arrays this module holds, so
   their math is never written twice;
 - attribute names are the linen parameter names ("block_0/read/wq", "Dense_0/kernel"), so
-  `nnx.state(module, nnx.Param)` is the linen tree itself and conversion is a checked copy.
+  `nnx.to_pure_dict(nnx.state(module, nnx.Param))` is the linen tree and conversion is a
+  checked copy.
 
 What differs, by nnx's nature: layers take their input widths at construction (linen infers
 them at init); randomness for train mode comes from a call argument `rngs=` (an
@@ -27,6 +28,9 @@ module's state is its parameters only. Dropout masks come from the same code but
 same keys as linen's, so train-mode outputs agree in distribution, not bitwise.
 The read-attention capture (linen's `mutable=["attention"]`, used by rin.visualize) is
 linen-only.
+
+Length: one file mirrors both rin/layers.py and rin/model.py (their structure, not their
+math) plus the converters, so that a layer and the code that maps its tree sit together.
 """
 from __future__ import annotations
 
