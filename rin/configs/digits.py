@@ -3,7 +3,7 @@
 Native 8x8 with 2x2 patches (16 interface tokens) and 16 latents. What each choice bought
 (FD and accuracy over training, per run) is on bench/results/README.md, "digits convergence":
 a LAMB learning rate of 1e-2 (the authors' attention init keeps it stable), an EMA horizon
-of ~100 steps for a 2400-step run, and evaluation with the authors' DDPM sampler (once, at
+of ~100 steps for a 3000-step run, and evaluation with the authors' DDPM sampler (once, at
 the end: `python -m bench.quality` evaluates over training).
 """
 from rin.configs import base
@@ -19,8 +19,8 @@ def get_config():
   c.diffusion.update(sampler="ddpm", sample_steps=100)
   c.optim.update(learning_rate=1e-2, warmup_steps=100, decay_fraction=1.0, grad_clip=1.0,
                  ema_decay=0.99)
-  c.train.update(batch_size=64, num_steps=2400, log_every=25, checkpoint_every=300,
-                 sample_every=1200, sample_steps_during_training=100, eval_every=2400,
+  c.train.update(batch_size=64, num_steps=3000, log_every=25, checkpoint_every=300,
+                 sample_every=1500, sample_steps_during_training=100, eval_every=3000,
                  batch_chunks=1)
   c.data.update(name="digits", random_flip=False)
   c.eval.update(num_samples=256, sampler="ddpm", sample_steps=100, at_start=False)
