@@ -162,7 +162,7 @@ def test_gpu_suite_dry_run():
                      env={**os.environ, "OUT": "/tmp/bench_dry_run_out"})
   assert r.returncode == 0, r.stderr
   out = r.stdout
-  for needle in ("pip install --no-index --find-links", "kernels.triton_gpu.gpu_check", "bench.kernels",
+  for needle in ("pip install --no-index --find-links", "bench.triton_gpu_check", "bench.kernels",
                  "bench.model", "timeout", "/tmp/bench_dry_run_out"):
     assert needle in out, needle
   assert not os.path.exists("/tmp/bench_dry_run_out/kernels.json")

@@ -385,7 +385,7 @@ def test_every_kernel_compiles_for_tpu_v5e_with_libtpu():
   env = dict(os.environ)
   if _libtpu_site():
     env["PYTHONPATH"] = os.pathsep.join([_libtpu_site(), os.getcwd(), env.get("PYTHONPATH", "")])
-  r = subprocess.run([sys.executable, "-m", "kernels.pallas_tpu.aot_check", "--topology",
+  r = subprocess.run([sys.executable, "-m", "bench.tpu_aot_check", "--topology",
                       "v5e:1x1", "--batch", "8"], env=env, capture_output=True, text=True,
                      timeout=1500)
   assert r.returncode == 0 and "\n0 failures" in r.stdout, r.stdout[-4000:] + r.stderr[-2000:]
