@@ -32,7 +32,7 @@ setup(
         "test": ["pytest", "pytest-xdist", "hypothesis", "triton", "jax-triton", "torch", "pytorch-fid"],
         "gpu": ["jax-triton", "triton"],
         "bench": ["rin-pytorch", "torchvision", "tokamax"],
-        # The TPU compiler for deviceless compiles (bench.tpu_static, aot_check); flatbuffers
+        # The TPU compiler for deviceless compiles (bench.tpu_static, bench.tpu_aot_check); flatbuffers
         # serializes the kernels bench.tpu_static profiles one by one.
         "tpu-static": ["libtpu", "flatbuffers"],
     },

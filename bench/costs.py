@@ -84,3 +84,14 @@ def write_block(batch, n, t, m, d, heads, width, mlp_hidden, dtype="bfloat16", *
                 backward=False) -> Cost:
   """x [B, N, T] <- z [B, M, D]: attention part as read_block, then LN + MLP + residual."""
   return _block(batch, n, t, m, d, heads, width, mlp_hidden, dtype, backward)
+
+
+def op_cost(o, batch, dtype="bfloat16", *, backward=False) -> Cost:
+  """The cost of one op of the shapes table (a kernels.shapes.OpShape) at `batch`."""
+  if o.kind == "attention":
+    return cross_attention(batch, o.lq, o.lk, o.heads, o.head_dim, dtype, backward=backward)
+  if o.kind == "read":
+    return read_block(batch, o.lq, o.cq, o.lk, o.ckv, o.heads, o.width, dtype,
+                      backward=backward)
+  return write_block(batch, o.lq, o.cq, o.lk, o.ckv, o.heads, o.width, o.mlp, dtype,
+                     backward=backward)

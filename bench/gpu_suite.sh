@@ -3,7 +3,7 @@
 #   0. record the machine (nvidia-smi, versions)
 #   1. install the wheels carried in .whl/ (bench/fetch_wheels.sh) that the image lacks,
 #      offline: pip install --no-index --find-links .whl --no-deps
-#   2. kernel numerics on the GPU in bf16 (kernels.triton_gpu.gpu_check: Triton ops vs the
+#   2. kernel numerics on the GPU in bf16 (bench.triton_gpu_check: Triton ops vs the
 #      float64 reference at the published shapes, B=64) and their fwd+bwd timings vs xla,
 #      written into kernels/triton_gpu/autotune_table.py WINS (--write-wins: what
 #      implementation=None then picks); the table is copied to the results folder
@@ -83,7 +83,7 @@ else
   fi
 fi
 
-run numerics "$T_NUMERICS" bash -c "$PY -m kernels.triton_gpu.gpu_check --batch 64 --iters 10 \
+run numerics "$T_NUMERICS" bash -c "$PY -m bench.triton_gpu_check --batch 64 --iters 10 \
   --dtypes bfloat16 --write-wins --out $RES/triton_gpu_check.md; \
   cp kernels/triton_gpu/autotune_table.py $RES/autotune_table.py"
 run kernels "$T_KERNELS" $PY -m bench.kernels --quick --dtypes bf16 \

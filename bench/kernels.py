@@ -32,48 +32,15 @@ import jax.numpy as jnp
 import kernels
 from rin import xla_cpu
 from bench import costs, report, timing
-from kernels import reference
+from kernels import reference, shapes
 from kernels.params import ReadBlockParams, WriteBlockParams
 
 DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32",
           "fp16": "float16", "float16": "float16"}
 
 
-@dataclasses.dataclass(frozen=True)
-class Shape:
-  """One RIN configuration's kernel shapes (see DESIGN.md section 2)."""
-  name: str
-  m: int            # latents
-  d: int            # latent width
-  n: int            # interface tokens
-  t: int            # interface width
-  rw_heads: int
-  rw_width: int
-  mlp_ratio: float  # interface MLP ratio
-  latent_heads: int
-
-  @property
-  def rw_head_dim(self) -> int:
-    return self.rw_width // self.rw_heads
-
-  @property
-  def latent_head_dim(self) -> int:
-    return self.d // self.latent_heads
-
-
-CONFIGS = {
-    "cifar10": Shape("cifar10", 128, 512, 256, 256, 8, 256, 2.0, 16),
-    "imagenet64_p4": Shape("imagenet64_p4", 128, 768, 256, 512, 16, 512, 4.0, 16),
-    "imagenet64_p8": Shape("imagenet64_p8", 128, 768, 64, 512, 16, 512, 4.0, 16),
-    # Video (rin/configs/kinetics600.py): 16 frames at 64x64, 5 conditioning, 2x4x4 tubelets
-    # -> (6 + 3) x 16 x 16 = 2304 interface tokens; "_n4096" is the same model at the
-    # 4096-token interface the issue names (16 x 16 x 16, e.g. 1x4x4 tubelets).
-    "kinetics600": Shape("kinetics600", 256, 1024, 2304, 512, 16, 512, 4.0, 16),
-    "kinetics600_n4096": Shape("kinetics600_n4096", 256, 1024, 4096, 512, 16, 512, 4.0, 16),
-    "moving_digits": Shape("moving_digits", 32, 96, 144, 64, 4, 64, 2.0, 4),
-}
-ATTENTION_OPS = ("latent_self_attention", "read_attention", "write_attention")
-BLOCK_OPS = ("read_block", "write_block")
+CONFIGS = shapes.BY_NAME   # the published configs, the video ones and moving digits
+ATTENTION_OPS, BLOCK_OPS = shapes.ATTENTION_OPS, shapes.BLOCK_OPS
 PASSES = ("fwd", "fwd+bwd")
 
 
@@ -167,22 +134,17 @@ def _block_fn(impl: Impl, direction: str, num_heads: int) -> Callable:
   return _block_with_attention(_attention_fn(impl), direction, num_heads)
 
 
-def _make_block_params(key, direction, q_width, kv_width, width, hidden):
-  ks = jax.random.split(key, 8)
-  f32 = jnp.float32
-  w = lambda k, s: jax.random.normal(k, s, f32) * (1.0 / s[0]) ** 0.5
-  base = dict(ln_scale=jnp.ones((q_width,), f32), ln_bias=jnp.zeros((q_width,), f32),
-              wq=w(ks[0], (q_width, width)), bq=jnp.zeros((width,), f32),
-              wk=w(ks[1], (kv_width, width)), bk=jnp.zeros((width,), f32),
-              wv=w(ks[2], (kv_width, width)), bv=jnp.zeros((width,), f32),
-              wo=w(ks[3], (width, q_width)), bo=jnp.zeros((q_width,), f32))
-  if direction == "read":
-    return ReadBlockParams(**base)
-  if hidden:
-    base.update(mlp_ln_scale=jnp.ones((q_width,), f32), mlp_ln_bias=jnp.zeros((q_width,), f32),
-                w1=w(ks[4], (q_width, hidden)), b1=jnp.zeros((hidden,), f32),
-                w2=w(ks[5], (hidden, q_width)), b2=jnp.zeros((q_width,), f32))
-  return WriteBlockParams(**base)
+def _make_block_params(key, o: shapes.OpShape):
+  """fp32 params as at init: LN scales 1, biases 0, matrices normal / sqrt(fan-in)."""
+  matrices = iter(jax.random.split(key, 8))
+  p = {}
+  for name, shape in shapes.param_shapes(o.cq, o.ckv, o.width,
+                                         o.mlp if o.kind == "write" else 0).items():
+    if len(shape) == 2:
+      p[name] = jax.random.normal(next(matrices), shape, jnp.float32) * (1.0 / shape[0]) ** 0.5
+    else:
+      p[name] = (jnp.ones if name.endswith("ln_scale") else jnp.zeros)(shape, jnp.float32)
+  return (ReadBlockParams if o.kind == "read" else WriteBlockParams)(**p)
 
 
 @dataclasses.dataclass
@@ -195,56 +157,34 @@ class Case:
   batch: int
   m: int
   n: int
-  shape: Shape
+  shape: shapes.ModelShapes
+
+  @property
+  def op_shape(self) -> shapes.OpShape:
+    return shapes.op_shape(self.shape, self.op, m=self.m, n=self.n)
 
   def describe(self) -> dict:
-    s = self.shape
-    if self.op == "latent_self_attention":
-      heads, hd = s.latent_heads, s.latent_head_dim
-    else:
-      heads, hd = s.rw_heads, s.rw_head_dim
+    o = self.op_shape
     return {"suite": self.suite, "config": self.config, "op": self.op, "pass": self.pass_,
             "dtype": self.dtype, "batch": self.batch, "M": self.m, "N": self.n,
-            "heads": heads, "head_dim": hd}
+            "heads": o.heads, "head_dim": o.head_dim}
 
   def cost(self) -> costs.Cost:
-    s, b, dt = self.shape, self.batch, self.dtype
     passes = [False] if self.pass_ == "fwd" else [False, True]
     total = costs.Cost(0, 0, 0)
     for bw in passes:
-      if self.op == "latent_self_attention":
-        c = costs.cross_attention(b, self.m, self.m, s.latent_heads, s.latent_head_dim, dt,
-                                  backward=bw)
-      elif self.op == "read_attention":
-        c = costs.cross_attention(b, self.m, self.n, s.rw_heads, s.rw_head_dim, dt, backward=bw)
-      elif self.op == "write_attention":
-        c = costs.cross_attention(b, self.n, self.m, s.rw_heads, s.rw_head_dim, dt, backward=bw)
-      elif self.op == "read_block":
-        c = costs.read_block(b, self.m, s.d, self.n, s.t, s.rw_heads, s.rw_width, dt,
-                             backward=bw)
-      else:
-        c = costs.write_block(b, self.n, s.t, self.m, s.d, s.rw_heads, s.rw_width,
-                              int(round(s.mlp_ratio * s.t)), dt, backward=bw)
-      total = total + c
+      total = total + costs.op_cost(self.op_shape, self.batch, self.dtype, backward=bw)
     return total
 
   def make_inputs(self, key) -> tuple:
-    s, b, dt = self.shape, self.batch, jnp.dtype(self.dtype)
+    o, dt = self.op_shape, jnp.dtype(self.dtype)
     ks = jax.random.split(key, 4)
-    rnd = lambda k, shape: jax.random.normal(k, shape, jnp.float32).astype(dt)
-    if self.op == "latent_self_attention":
-      sh = (b, self.m, s.latent_heads, s.latent_head_dim)
-      return rnd(ks[0], sh), rnd(ks[1], sh), rnd(ks[2], sh)
-    if self.op in ("read_attention", "write_attention"):
-      lq, lk = (self.m, self.n) if self.op == "read_attention" else (self.n, self.m)
-      return (rnd(ks[0], (b, lq, s.rw_heads, s.rw_head_dim)),
-              rnd(ks[1], (b, lk, s.rw_heads, s.rw_head_dim)),
-              rnd(ks[2], (b, lk, s.rw_heads, s.rw_head_dim)))
-    z, x = rnd(ks[0], (b, self.m, s.d)), rnd(ks[1], (b, self.n, s.t))
-    if self.op == "read_block":
-      return z, x, _make_block_params(ks[2], "read", s.d, s.t, s.rw_width, 0)
-    return x, z, _make_block_params(ks[2], "write", s.t, s.d, s.rw_width,
-                                    int(round(s.mlp_ratio * s.t)))
+    args = shapes.abstract_args(o, self.batch, dt)
+    rnd = lambda k, a: jax.random.normal(k, a.shape, jnp.float32).astype(dt)
+    if o.kind == "attention":
+      return tuple(rnd(k, a) for k, a in zip(ks, args))
+    return rnd(ks[1 if o.kind == "write" else 0], args[0]), \
+        rnd(ks[0 if o.kind == "write" else 1], args[1]), _make_block_params(ks[2], o)
 
   def function(self, impl: Impl) -> Callable:
     if self.op in ATTENTION_OPS:

@@ -1,4 +1,4 @@
-"""Roofline of every RIN kernel at the published shapes on TPU v5e and v5p.
+"""Roofline of every RIN kernel at the published shapes (kernels.shapes) on TPU v5e and v5p.
 
     python -m bench.roofline [--batch 64] [--dtype bfloat16] [--out bench/results/roofline.json]
 
@@ -14,6 +14,7 @@ import json
 import os
 
 from bench import costs
+from kernels import shapes
 
 # Datasheet rates (bf16 dense matmul, HBM bandwidth).
 CHIPS = {
@@ -21,31 +22,17 @@ CHIPS = {
     "v5p": {"peak_flops": 459e12, "hbm_bytes_per_s": 2765e9},
 }
 
-# name: (M, D, N, T, rw heads, rw width, interface MLP ratio, latent heads, latent head dim)
-CONFIGS = {
-    "cifar10": (128, 512, 256, 256, 8, 256, 2, 16, 32),
-    "imagenet64_p4": (128, 768, 256, 512, 16, 512, 4, 16, 48),
-    "imagenet64_p8": (128, 768, 64, 512, 16, 512, 4, 16, 48),
-}
-
 
 def kernel_costs(config: str, batch: int, dtype: str):
-  m, d, n, t, h, width, ratio, lh, ldh = CONFIGS[config]
-  dh = width // h
   for backward in (False, True):
-    pas = "bwd" if backward else "fwd"
-    yield (f"latent_self_attention", pas,
-           costs.cross_attention(batch, m, m, lh, ldh, dtype, backward=backward))
-    yield ("read_attention", pas, costs.cross_attention(batch, m, n, h, dh, dtype, backward=backward))
-    yield ("write_attention", pas, costs.cross_attention(batch, n, m, h, dh, dtype, backward=backward))
-    yield ("read_block", pas, costs.read_block(batch, m, d, n, t, h, width, dtype, backward=backward))
-    yield ("write_block", pas, costs.write_block(batch, n, t, m, d, h, width, ratio * t, dtype,
-                                                 backward=backward))
+    for o in shapes.op_shapes(shapes.BY_NAME[config]):
+      yield o.op, "bwd" if backward else "fwd", costs.op_cost(o, batch, dtype,
+                                                             backward=backward)
 
 
 def rows(batch: int, dtype: str):
   out = []
-  for config in CONFIGS:
+  for config in (s.name for s in shapes.PUBLISHED):
     for kernel, pas, c in kernel_costs(config, batch, dtype):
       row = {"config": config, "kernel": kernel, "pass": pas, "batch": batch, "dtype": dtype,
              "flops": c.flops, "bytes": c.bytes, "intensity": c.intensity}

@@ -40,6 +40,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from kernels import shapes
+
 SMS_H200 = 132
 SMEM_PER_SM = {90: 228 * 1024, 80: 164 * 1024}
 SMEM_PER_BLOCK = {90: 227 * 1024, 80: 163 * 1024}
@@ -74,6 +76,8 @@ STEPS = (
     Step("read_n4096", "read_n4096", "read", 32),
 )
 STEP_NAMES = tuple(s.name for s in STEPS)
+# The long-interface read: the ImageNet-64 widths at N = 4096.
+READ_N4096 = shapes.op_shape(shapes.IMAGENET64_P4, "read_block", n=4096)
 
 
 def _config(step: Step, dtype: str):
@@ -93,15 +97,9 @@ def _step_fn(step: Step, dtype: str) -> tuple[Callable, tuple]:
   sds = jax.ShapeDtypeStruct
   if step.kind == "read":
     from kernels import triton_gpu as tg
-    from kernels.params import ReadBlockParams
-    b, m, d, n, t, h = step.batch, 128, 768, 4096, 512, 16
-    w = min(d, t)
-    shapes = dict(ln_scale=(d,), ln_bias=(d,), wq=(d, w), bq=(w,), wk=(t, w), bk=(w,),
-                  wv=(t, w), bv=(w,), wo=(w, d), bo=(d,))
-    p = ReadBlockParams(**{k: sds(v, jnp.float32) for k, v in shapes.items()})
-    dt = jnp.dtype(dtype)
-    f = lambda z, x, pp: jnp.sum(tg.read_block(z, x, pp, num_heads=h).astype(jnp.float32))
-    args = (sds((b, m, d), dt), sds((b, n, t), dt), p)
+    o = READ_N4096
+    f = lambda z, x, pp: jnp.sum(tg.read_block(z, x, pp, num_heads=o.heads).astype(jnp.float32))
+    args = shapes.abstract_args(o, step.batch, jnp.dtype(dtype), jnp.float32)
     return (lambda *a: (f(*a), jax.grad(f, argnums=(0, 1, 2))(*a))), args
   from rin import train as rt
   cfg = _config(step, dtype)

@@ -36,6 +36,8 @@ import math
 import os
 import sys
 
+from kernels import shapes
+
 PEAK_FLOPS = 790e12
 HBM_BPS = 4.3e12
 S = 2      # bf16 bytes
@@ -140,10 +142,13 @@ class Model:
   t_mlp: int        # interface MLP hidden width (0: none)
 
 
-MODELS = (
-    Model("cifar10", 256, 128, 512, 256, 256, 8, 16, 3, 2, 512),
-    Model("imagenet64_p4", 128, 128, 768, 256, 512, 16, 16, 4, 4, 2048),
-)
+def model(s: shapes.ModelShapes, batch: int) -> Model:
+  """A row of the shapes table at `batch`."""
+  return Model(s.name, batch, s.m, s.d, s.n, s.t, s.rw_heads, s.latent_heads, s.num_blocks,
+               s.latent_layers, s.mlp_hidden)
+
+
+MODELS = (model(shapes.CIFAR10, 256), model(shapes.IMAGENET64_P4, 128))
 
 
 def _block_ops(md: Model, path: str, backward: bool) -> dict:

@@ -9,6 +9,10 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas import tpu as pltpu
 
+# The op's constants are the reference's (kernels/reference.py defines the op).
+from kernels.reference import INV_SQRT_2PI, LN_EPS, SQRT_HALF, gelu  # noqa: F401
+from kernels.tiling import round_up
+
 # Scoped-VMEM limit requested from Mosaic and the budget the block-size check
 # enforces. 64 MiB fits every TPU generation from v4 on (v7x has 64 MiB per
 # TensorCore; v5e/v6e 128 MiB); the kernels' estimates include double buffering.
@@ -16,15 +20,6 @@ VMEM_LIMIT_BYTES = 64 * 1024 * 1024
 # Finite "minus infinity" for masked scores: exp(NEG - m) == 0 and NEG - NEG == 0
 # (never NaN), unlike -inf.
 NEG = -1e30
-LN_EPS = 1e-6
-
-
-def cdiv(a: int, b: int) -> int:
-  return -(-a // b)
-
-
-def round_up(a: int, b: int) -> int:
-  return cdiv(a, b) * b
 
 
 def pad_axis(x, axis: int, size: int):
@@ -100,14 +95,10 @@ def layer_norm_bwd(dy, xhat, rstd, scale):
   return dx, jnp.sum(dy * xhat, 0, keepdims=True), jnp.sum(dy, 0, keepdims=True)
 
 
-def gelu(x):
-  """Exact (erf) GELU."""
-  return 0.5 * x * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))))
-
-
 def gelu_grad(x):
-  cdf = 0.5 * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))))
-  pdf = jnp.exp(-0.5 * x * x) * (1.0 / math.sqrt(2.0 * math.pi))
+  """d/dx of the exact GELU x * Phi(x): Phi(x) + x * phi(x) (the kernels' backward)."""
+  cdf = 0.5 * (1.0 + jax.lax.erf(x * SQRT_HALF))
+  pdf = jnp.exp(-0.5 * x * x) * INV_SQRT_2PI
   return cdf + x * pdf
 
 

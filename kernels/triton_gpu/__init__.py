@@ -15,9 +15,10 @@ Modules: attention_kernels.py (the attention kernels), read_block_kernel.py (rea
 attention with the K/V projection inside), attention.py (custom_vjp + vmap op),
 blocks.py (read/write blocks: Triton attention, XLA GEMMs; it says why), launch.py
 (jax-triton / interpreter glue, `record_launches()`), config.py + autotune_table.py
-(block sizes; measured Triton-vs-XLA wins that drive implementation=None), tune.py
-(regenerates the table on a GPU), gpu_check.py (GPU numerics + timings).
-Compile report and static lint: bench/triton_compile_report.py. Precision:
+(block sizes; measured Triton-vs-XLA wins that drive implementation=None).
+The tools live in bench/: triton_tune.py (regenerates the table on a GPU),
+triton_gpu_check.py (GPU numerics + timings, writes the wins), triton_compile_report.py
+(compile report and static lint). Precision:
 kernels/precision.py (`precision=` on every op: TF32 default for fp32, "highest" exact).
 """
 from __future__ import annotations

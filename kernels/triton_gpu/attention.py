@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from kernels import precision as _precision
 from kernels.triton_gpu import attention_kernels as ak
 from kernels.triton_gpu import config
+from kernels.tiling import cdiv
 from kernels.triton_gpu.launch import cached, launch, vmappable
 
 
@@ -36,7 +37,7 @@ def _fwd_impl(q, k, v, *, scale, interpret, block_sizes, precision):
   lk = k.shape[1]
   plan = _plan(q, k, block_sizes, precision)
   common = dict(B=b, H=h, LQ=lq, DH=dh, D_PAD=plan.d_pad, BLOCK_M=plan.block_q)
-  grid = (config.cdiv(lq, plan.block_q), b * h, plan.kv_splits)
+  grid = (cdiv(lq, plan.block_q), b * h, plan.kv_splits)
   fwd = dict(kernel=ak._attn_fwd_kernel, grid=grid, interpret=interpret,
              num_warps=plan.num_warps, num_stages=plan.num_stages, SCALE=float(scale),
              LK=lk, BLOCK_N=plan.block_kv, SPLIT_LEN=plan.split_len,
@@ -51,11 +52,19 @@ def _fwd_impl(q, k, v, *, scale, interpret, block_sizes, precision):
   o_part, lse_part = launch(inputs=(q, k, v), out_shapes=(
       jax.ShapeDtypeStruct((s,) + q.shape, jnp.float32),
       jax.ShapeDtypeStruct((s, b, h, lq), jnp.float32)), **fwd)
-  o, lse = launch(
-      ak._attn_combine_kernel, (grid[0], b * h), (o_part, lse_part),
-      (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, lq), jnp.float32)),
-      interpret=interpret, num_warps=plan.num_warps, num_stages=1, SPLITS=s, **common)
-  return o, lse
+  return combine_splits(o_part, lse_part, q.dtype, block_m=plan.block_q, d_pad=plan.d_pad,
+                        interpret=interpret, num_warps=plan.num_warps)
+
+
+def combine_splits(o_part, lse_part, dtype, *, block_m, d_pad, interpret, num_warps):
+  """Merges kv-split partials o_part [S, B, Lq, H, Dh] (fp32), lse_part [S, B, H, Lq] into
+  (o [B, Lq, H, Dh] in dtype, lse [B, H, Lq]). Also used by the fused read kernel."""
+  s, b, lq, h, dh = o_part.shape
+  return launch(
+      ak._attn_combine_kernel, (cdiv(lq, block_m), b * h), (o_part, lse_part),
+      (jax.ShapeDtypeStruct((b, lq, h, dh), dtype), jax.ShapeDtypeStruct((b, h, lq), jnp.float32)),
+      interpret=interpret, num_warps=num_warps, num_stages=1, SPLITS=s, B=b, H=h, LQ=lq, DH=dh,
+      D_PAD=d_pad, BLOCK_M=block_m)
 
 
 def _bwd_impl(q, k, v, o, lse, do, *, scale, interpret, block_sizes, precision):
@@ -63,7 +72,7 @@ def _bwd_impl(q, k, v, o, lse, do, *, scale, interpret, block_sizes, precision):
   lk = k.shape[1]
   plan = _plan(q, k, block_sizes, precision)
   run = dict(interpret=interpret, num_warps=plan.num_warps)
-  (delta,) = launch(ak._attn_bwd_delta_kernel, (config.cdiv(lq, plan.block_q), b * h),
+  (delta,) = launch(ak._attn_bwd_delta_kernel, (cdiv(lq, plan.block_q), b * h),
                     (o, do), (jax.ShapeDtypeStruct((b, h, lq), jnp.float32),),
                     num_stages=1, H=h, LQ=lq, DH=dh, D_PAD=plan.d_pad,
                     BLOCK_M=plan.block_q, **run)
@@ -72,14 +81,14 @@ def _bwd_impl(q, k, v, o, lse, do, *, scale, interpret, block_sizes, precision):
                 num_stages=plan.num_stages, **run)
   qs = plan.q_splits_bwd
   part_dt = jnp.float32 if qs > 1 else q.dtype
-  dk, dv = launch(ak._attn_bwd_dkdv_kernel, (config.cdiv(lk, plan.block_kv_bwd), b * h, qs),
+  dk, dv = launch(ak._attn_bwd_dkdv_kernel, (cdiv(lk, plan.block_kv_bwd), b * h, qs),
                   (q, k, v, do, lse, delta),
                   (jax.ShapeDtypeStruct((qs,) + k.shape, part_dt),) * 2,
                   BLOCK_M=plan.block_q_bwd, BLOCK_N=plan.block_kv_bwd,
                   SPLIT_LEN=plan.q_split_len_bwd, **common)
   ks = plan.kv_splits
   part_dt = jnp.float32 if ks > 1 else q.dtype
-  (dq,) = launch(ak._attn_bwd_dq_kernel, (config.cdiv(lq, plan.block_q), b * h, ks),
+  (dq,) = launch(ak._attn_bwd_dq_kernel, (cdiv(lq, plan.block_q), b * h, ks),
                  (q, k, v, do, lse, delta),
                  (jax.ShapeDtypeStruct((ks,) + q.shape, part_dt),),
                  BLOCK_M=plan.block_q, BLOCK_N=plan.block_kv, SPLIT_LEN=plan.split_len,

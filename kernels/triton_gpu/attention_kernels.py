@@ -34,6 +34,36 @@ LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
 
+# The forward's softmax steps, shared with the fused read kernel (read_block_kernel.py).
+
+@triton.jit
+def masked_scores(q, k, n_mask, SCALE: tl.constexpr, PREC: tl.constexpr):
+  """Scores of one [BLOCK_M, BLOCK_N] tile in base 2, s2 = (q k^T) * (SCALE * log2 e),
+  -inf on the keys outside n_mask."""
+  qk_scale: tl.constexpr = SCALE * LOG2E
+  s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+  return tl.where(n_mask[None, :], s, float("-inf"))
+
+
+@triton.jit
+def online_softmax_step(s, v, m_i, l_i, acc, PREC: tl.constexpr):
+  """One key tile of the online softmax: the running row max m_i, row sum l_i and
+  unnormalised output acc (fp32) rescaled to the new max, then this tile's p v added
+  (p in v's dtype, as the tensor-core dot takes it)."""
+  m_new = tl.maximum(m_i, tl.max(s, 1))
+  p = tl.math.exp2(s - m_new[:, None])
+  alpha = tl.math.exp2(m_i - m_new)
+  l_i = l_i * alpha + tl.sum(p, 1)
+  acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+  return m_new, l_i, acc
+
+
+@triton.jit
+def softmax_finish(acc, m_i, l_i):
+  """(o, lse): the normalised output and the log-sum-exp in natural-log units."""
+  return acc / l_i[:, None], (m_i + tl.math.log2(l_i)) * LN2
+
+
 @triton.jit
 def _attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
@@ -57,7 +87,6 @@ def _attn_fwd_kernel(
   v_base = v_ptr + b * (LK * row) + h * DH
   q = tl.load(q_base + offs_m[:, None] * row + offs_d[None, :],
               mask=m_mask[:, None] & d_mask[None, :], other=0.0)
-  qk_scale: tl.constexpr = SCALE * LOG2E
   start = (pid_s * SPLIT_LEN).to(tl.int32)
   stop = tl.minimum(start + SPLIT_LEN, LK)
 
@@ -69,8 +98,7 @@ def _attn_fwd_kernel(
     kv_m = n_mask[:, None] & d_mask[None, :]
     k = tl.load(k_base + kv_idx, mask=kv_m, other=0.0)
     v = tl.load(v_base + kv_idx, mask=kv_m, other=0.0)
-    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-    s = tl.where(n_mask[None, :], s, float("-inf"))
+    s = masked_scores(q, k, n_mask, SCALE, PREC)
     m_i = tl.max(s, 1)
     p = tl.math.exp2(s - m_i[:, None])
     l_i = tl.sum(p, 1)
@@ -86,17 +114,10 @@ def _attn_fwd_kernel(
       kv_m = n_mask[:, None] & d_mask[None, :]
       k = tl.load(k_base + kv_idx, mask=kv_m, other=0.0)
       v = tl.load(v_base + kv_idx, mask=kv_m, other=0.0)
-      s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-      s = tl.where(n_mask[None, :], s, float("-inf"))
-      m_new = tl.maximum(m_i, tl.max(s, 1))
-      p = tl.math.exp2(s - m_new[:, None])
-      alpha = tl.math.exp2(m_i - m_new)
-      l_i = l_i * alpha + tl.sum(p, 1)
-      acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-      m_i = m_new
+      s = masked_scores(q, k, n_mask, SCALE, PREC)
+      m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, PREC)
 
-  acc = acc / l_i[:, None]
-  lse = (m_i + tl.math.log2(l_i)) * LN2
+  acc, lse = softmax_finish(acc, m_i, l_i)
   # o: [splits, B, LQ, H, DH]; lse: [splits, B, H, LQ] (splits = 1 for the final output).
   o_base = o_ptr + (pid_s * B + b) * (LQ * row) + h * DH
   tl.store(o_base + offs_m[:, None] * row + offs_d[None, :],

@@ -42,6 +42,7 @@ from kernels import precision as _precision
 from kernels import reference as ref
 from kernels.params import ReadBlockParams, WriteBlockParams
 from kernels.triton_gpu import config
+from kernels.triton_gpu import read_block_kernel as rbk
 from kernels.triton_gpu.attention import cross_attention
 
 _LOGGED: set = set()
@@ -81,7 +82,6 @@ def read_block(z, x, p: ReadBlockParams, *, num_heads, interpret=False, block_si
                precision=None, fused=None):
   """fused: None uses the fused K/V attention when its plan fits (else the composed path,
   logged once), True demands it, False forces the composed path."""
-  from kernels.triton_gpu import read_block_kernel as rbk  # (it imports attention lazily)
   precision = _precision.check(precision)
   p = _cast_weights(p, z.dtype)
   bsz, m, _ = z.shape

@@ -19,6 +19,7 @@ import dataclasses
 import math
 from typing import Any
 
+from kernels.tiling import cdiv, next_pow2
 from kernels.triton_gpu import autotune_table
 
 TARGET_PROGRAMS = 264  # 2 x 132 SMs
@@ -36,14 +37,6 @@ class BlockSizes:
   q_splits_bwd: int | None = None   # dK/dV split of the query axis
   num_warps: int | None = None
   num_stages: int | None = None
-
-
-def next_pow2(n: int) -> int:
-  return 1 << max(0, int(n - 1).bit_length())
-
-
-def cdiv(a: int, b: int) -> int:
-  return -(-a // b)
 
 
 def _tile(n: int, cap: int) -> int:
@@ -77,7 +70,7 @@ def _pick(user, table: dict, key: str, default):
   return table.get(key, default)
 
 
-def _split_axis(requested, tab, name, length, block, programs):
+def split_axis(requested, tab, name, length, block, programs):
   """(number of splits, tokens per split) of an axis of `length` in `block` tiles, so
   that `programs` (the other grid axes) times the splits fills TARGET_PROGRAMS."""
   splits = _pick(requested, tab, name, max(1, cdiv(TARGET_PROGRAMS, programs)))
@@ -164,10 +157,10 @@ def attention_plan(b: int, lq: int, lk: int, h: int, dh: int, dtype_name: str,
           f"(> {limit}, the A100 per-block limit); lower block_q/block_kv or num_stages")
 
   # Forward / dQ: split the key axis when query tiles alone leave SMs idle.
-  splits, split_len = _split_axis(bs.kv_splits, tab, "kv_splits", lk, block_kv,
+  splits, split_len = split_axis(bs.kv_splits, tab, "kv_splits", lk, block_kv,
                                   cdiv(lq, block_q) * b * h)
   # dK/dV: split the query axis when key tiles alone leave SMs idle (write direction).
-  qs, q_split_len = _split_axis(bs.q_splits_bwd, tab, "q_splits_bwd", lq, block_q_bwd,
+  qs, q_split_len = split_axis(bs.q_splits_bwd, tab, "q_splits_bwd", lq, block_q_bwd,
                                 cdiv(lk, block_kv_bwd) * b * h)
   return AttentionPlan(d_pad, block_q, block_kv, splits, split_len, block_q_bwd,
                        block_kv_bwd, qs, q_split_len, num_warps, num_stages)

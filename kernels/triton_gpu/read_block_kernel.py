@@ -21,7 +21,7 @@ its key range in BLOCK_N tiles. Per tile it streams x[tile, :] in BLOCK_T column
 together with the rows of the head's weight slices Wk[:, h], Wv[:, h] and accumulates
 k = x Wk, v = x Wv in fp32 (tensor-core dots); adds the biases and rounds k, v to the
 operand dtype (as an XLA projection stores them), then does the online-softmax update in
-base 2 (attention_kernels.py). M, N, T and the head dim are padded to powers of two
+base 2 (attention_kernels.online_softmax_step, the forward kernel's own step). M, N, T and the head dim are padded to powers of two
 (>= 16) and masked; base offsets are int64 (attention_kernels.py, "Addressing").
 
 Why fuse: the composed alternative (an XLA GEMM writing K/V [B, N, 2W], then the
@@ -50,8 +50,13 @@ import triton
 import triton.language as tl
 
 from kernels import precision as _precision
-from kernels.triton_gpu import attention_kernels as ak
-from kernels.triton_gpu import config
+from kernels.tiling import cdiv, next_pow2
+from kernels.triton_gpu import attention, config
+# Imported by name: launch.interpreted swaps the @triton.jit functions that a kernel's
+# module globals hold for interpreted ones; a helper reached as a module attribute
+# (ak.masked_scores) would be left out of that swap.
+from kernels.triton_gpu.attention_kernels import (masked_scores, online_softmax_step,
+                                                  softmax_finish)
 from kernels.triton_gpu.launch import cached, launch, vmappable
 
 MAX_D_PAD = 128
@@ -86,19 +91,19 @@ def plan(b: int, m: int, n: int, t: int, width: int, heads: int, dtype_name: str
   overrides are for tests (forcing several query blocks, T chunks or splits)."""
   if width % heads:
     return None
-  d_pad = max(16, config.next_pow2(width // heads))
+  d_pad = max(16, next_pow2(width // heads))
   if d_pad > MAX_D_PAD:
     return None
   ieee = dtype_name == "float32" and precision == "highest"
   cap_m = 64 if (ieee or d_pad > 64) else MAX_BLOCK_M
-  block_m = block_m or max(16, min(cap_m, config.next_pow2(m)))
-  q_blocks = config.cdiv(m, block_m)
+  block_m = block_m or max(16, min(cap_m, next_pow2(m)))
+  q_blocks = cdiv(m, block_m)
   if q_blocks > MAX_Q_BLOCKS:
     return None
-  block_n = block_n or max(16, min(BLOCK_N_MAX if d_pad <= 64 else 32, config.next_pow2(n)))
-  block_t = block_t or max(16, min(BLOCK_T_MAX, config.next_pow2(t)))
+  block_n = block_n or max(16, min(BLOCK_N_MAX if d_pad <= 64 else 32, next_pow2(n)))
+  block_t = block_t or max(16, min(BLOCK_T_MAX, next_pow2(t)))
   config.check_slab("read_block", n, max(t, width))
-  splits, split_len = config._split_axis(kv_splits, {}, "kv_splits", n, block_n,
+  splits, split_len = config.split_axis(kv_splits, {}, "kv_splits", n, block_n,
                                          q_blocks * b * heads)
   num_stages = 2
   itemsize = 4 if dtype_name == "float32" else 2
@@ -134,7 +139,6 @@ def _read_attn_kernel(
               other=0.0)
   bk = tl.load(bk_ptr + col, mask=d_mask, other=0.0).to(tl.float32)
   bv = tl.load(bv_ptr + col, mask=d_mask, other=0.0).to(tl.float32)
-  qk_scale: tl.constexpr = SCALE * 1.4426950408889634
 
   m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
   l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -171,18 +175,11 @@ def _read_attn_kernel(
         kv_m = n_mask[:, None] & d_mask[None, :]
         tl.store(k_ptr + kv_idx, k, mask=kv_m)
         tl.store(v_ptr + kv_idx, v, mask=kv_m)
-    # Online softmax over the tile (fp32, base 2), as _attn_fwd_kernel.
-    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-    s = tl.where(n_mask[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    p = tl.math.exp2(s - m_new[:, None])
-    alpha = tl.math.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(op_ty), v, input_precision=PREC)
-    m_i = m_new
+    # Online softmax over the tile (fp32, base 2), the steps of _attn_fwd_kernel.
+    s = masked_scores(q, k, n_mask, SCALE, PREC)
+    m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, PREC)
 
-  acc = acc / l_i[:, None]
-  lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
+  acc, lse = softmax_finish(acc, m_i, l_i)
   # o: [splits, B, M, H, DH]; lse: [splits, B, H, M] (splits = 1: the final output).
   o_off = (pid_s * B + b) * (M * W)
   tl.store(o_ptr + o_off + offs_m[:, None] * W + col[None, :],
@@ -210,7 +207,7 @@ def _attn_impl(q, x, wk, bk, wv, bv, *, cfg: ReadCfg, store_kv: bool):
   h = cfg.num_heads
   dh = width // h
   pl = cfg.plan
-  q_blocks = config.cdiv(m, pl.block_m)
+  q_blocks = cdiv(m, pl.block_m)
   s = pl.kv_splits
   common = dict(B=bsz, H=h, DH=dh, D_PAD=pl.d_pad, BLOCK_M=pl.block_m)
   part_dt = q.dtype if s == 1 else jnp.float32
@@ -227,13 +224,9 @@ def _attn_impl(q, x, wk, bk, wv, bv, *, cfg: ReadCfg, store_kv: bool):
   if s == 1:
     o, lse = o_part[0], lse_part[0]
   else:
-    o, lse = launch(
-        ak._attn_combine_kernel, (q_blocks, bsz * h),
-        (o_part.reshape(s, bsz, m, h, dh), lse_part),
-        (jax.ShapeDtypeStruct((bsz, m, h, dh), q.dtype),
-         jax.ShapeDtypeStruct((bsz, h, m), jnp.float32)),
-        interpret=cfg.interpret, num_warps=pl.num_warps, num_stages=1, SPLITS=s, LQ=m,
-        **common)
+    o, lse = attention.combine_splits(o_part.reshape(s, bsz, m, h, dh), lse_part, q.dtype,
+                                      block_m=pl.block_m, d_pad=pl.d_pad,
+                                      interpret=cfg.interpret, num_warps=pl.num_warps)
     o = o.reshape(bsz, m, width)
   return (o, lse, k, v) if store_kv else (o,)
 
@@ -262,7 +255,6 @@ def _kv_fwd(q, x, wk, bk, wv, bv, cfg):
 
 
 def _kv_bwd(cfg, res, do):
-  from kernels.triton_gpu import attention
   q, x, wk, wv, bk, bv, k, v, o, lse = res
   bsz, m, width = q.shape
   n = x.shape[1]

@@ -18,6 +18,7 @@ import pytest
 from bench import kernels as bk
 from bench import model as bm
 from bench import report, timing
+from kernels import shapes
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -111,7 +112,9 @@ def test_kernels_bench_tiny(tmp_path):
 def test_dpa_block_matches_reference():
   """The 'dpa+xla' block the benchmark times computes the same op as ours."""
   case = bk.Case("published", "cifar10", "write_block", "fwd", "float32", 1, 8, 16,
-                 bk.Shape("t", 8, 32, 16, 16, 2, 16, 2.0, 2))
+                 shapes.ModelShapes("t", "", (), m=8, d=32, n=16, t=16, rw_heads=2,
+                                    rw_width=16, mlp_ratio=2.0, latent_heads=2, num_blocks=1,
+                                    latent_layers=1))
   args = case.make_inputs(jax.random.PRNGKey(0))
   impls = {i.name: i for i in bk.implementations()}
   ref = case.function(impls["xla"])(*args)
@@ -162,7 +165,7 @@ def test_gpu_suite_dry_run():
                      env={**os.environ, "OUT": "/tmp/bench_dry_run_out"})
   assert r.returncode == 0, r.stderr
   out = r.stdout
-  for needle in ("pip install --no-index --find-links", "kernels.triton_gpu.gpu_check", "bench.kernels",
+  for needle in ("pip install --no-index --find-links", "bench.triton_gpu_check", "bench.kernels",
                  "bench.model", "timeout", "/tmp/bench_dry_run_out"):
     assert needle in out, needle
   assert not os.path.exists("/tmp/bench_dry_run_out/kernels.json")

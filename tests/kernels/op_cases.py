@@ -1,59 +1,51 @@
-"""Shared cases for the kernel backends' tests: shapes, tolerances, random inputs,
-the float64 oracle and the comparison every backend test uses.
+"""The op test base every backend's tests build on: shapes (kernels/shapes.py), random
+inputs, the float64 oracle, one comparison rule and its tolerance table.
 
-Imported by tests/kernels/test_pallas_tpu.py (and meant for the Triton tests too).
+    out, grads = value_and_grads(fn, args, ct)        # the backend under test
+    check_op(fn, o, dtype, backend="triton")          # forward and every gradient of an
+                                                      # OpShape against the oracle
+
+tests/kernels/test_api.py (xla), test_pallas_tpu.py and test_triton_*.py use these and add
+only their backend's own checks (block-size rules, what launches, lowering).
 """
 from __future__ import annotations
-
-import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels import reference
+from kernels import reference, shapes
 from kernels.params import ReadBlockParams, WriteBlockParams
 
-# Max-abs error allowed, relative to the largest magnitude of the reference value
-# (see assert_close). fp32 kernels land around 1e-6 here; bf16 (bf16 MXU operands,
-# fp32 accumulation, bf16 outputs) around 5e-3.
-TOLERANCES = {jnp.dtype(jnp.float32): 1e-4, jnp.dtype(jnp.bfloat16): 3e-2}
+# The comparison rule (assert_close): per value, |got - want| <= tol * (|want| + rms of
+# that leaf), and per leaf rms(got - want) <= tol * rms(want): a leaf off by tol or more
+# everywhere (a 10% error at any tol below 0.1) fails, whatever the other leaves' size.
+# tol per backend and dtype; gradients at GRAD_FACTOR times the forward's.
+#   xla: the jax.numpy reference vs a hand-written NumPy float64 oracle.
+#   pallas_tpu: Pallas' interpreter (fp32 dots exact on CPU; bf16 operands, fp32
+#     accumulation, bf16 outputs).
+#   triton: Triton's CPU interpreter (fp32 and fp16 only: its bf16 dot is wrong).
+TOLERANCES = {
+    "xla": {jnp.dtype(jnp.float32): 1e-5},
+    "pallas_tpu": {jnp.dtype(jnp.float32): 1e-4, jnp.dtype(jnp.bfloat16): 3e-2},
+    "triton": {jnp.dtype(jnp.float32): 5e-5, jnp.dtype(jnp.float16): 2e-2},
+}
+GRAD_FACTOR = {"xla": 1, "pallas_tpu": 1, "triton": 4}
 
 
-def tolerance(dtype) -> float:
-  return TOLERANCES[jnp.dtype(dtype)]
+def tolerance(backend: str, dtype, *, grad: bool = False) -> float:
+  return TOLERANCES[backend][jnp.dtype(dtype)] * (GRAD_FACTOR[backend] if grad else 1)
 
 
-# The Triton kernels through Triton's interpreter (fp32 and fp16 only: its bf16 dot is
-# broken), same rule; gradients are checked at 4x.
-TRITON_TOLERANCES = {jnp.dtype(jnp.float32): 5e-5, jnp.dtype(jnp.float16): 2e-2}
+# The published configs (kernels/shapes.py) at batch 1, the CPU tests' batch.
+PUBLISHED = shapes.PUBLISHED
+CIFAR10, IMAGENET64_P4, IMAGENET64_P8 = PUBLISHED
 
 
-def triton_tolerance(dtype) -> float:
-  return TRITON_TOLERANCES[jnp.dtype(dtype)]
+def block_shape(s: shapes.ModelShapes) -> tuple:
+  """(batch, m, d, n, t, heads, width, mlp_hidden) of a published row at batch 1."""
+  return (1, s.m, s.d, s.n, s.t, s.rw_heads, s.rw_width, s.mlp_hidden)
 
-
-@dataclasses.dataclass(frozen=True)
-class BlockShape:
-  """One read/write block configuration: latents [B, M, D], interface [B, N, T]."""
-  name: str
-  batch: int
-  m: int          # latents
-  d: int          # latent width
-  n: int          # interface tokens
-  t: int          # interface width
-  heads: int      # read/write heads
-  width: int      # read/write attention width (min(T, D) in RIN)
-  mlp_ratio: int  # interface MLP ratio (0: no MLP)
-  latent_heads: int
-  latent_head_dim: int
-
-
-# The published configs (DESIGN.md section 2), batch 1 for CPU tests.
-CIFAR10 = BlockShape("cifar10", 1, 128, 512, 256, 256, 8, 256, 2, 16, 32)
-IMAGENET64_P4 = BlockShape("imagenet64_p4", 1, 128, 768, 256, 512, 16, 512, 4, 16, 48)
-IMAGENET64_P8 = BlockShape("imagenet64_p8", 1, 128, 768, 64, 512, 16, 512, 4, 16, 48)
-PUBLISHED = (CIFAR10, IMAGENET64_P4, IMAGENET64_P8)
 
 # Odd attention shapes: (batch, q_len, kv_len, heads, head_dim).
 ODD_ATTENTION = (
@@ -63,11 +55,11 @@ ODD_ATTENTION = (
     (1, 128, 1000, 1, 32),   # keys streamed in several blocks, last one partial
     (2, 33, 300, 2, 160),    # head dim > 128: padded to 256
 )
-# Odd block shapes: (batch, m, d, n, t, heads, width, mlp_ratio).
+# Odd block shapes: (batch, m, d, n, t, heads, width, mlp_hidden).
 ODD_BLOCKS = (
-    (1, 7, 48, 200, 32, 2, 32, 2),
+    (1, 7, 48, 200, 32, 2, 32, 64),
     (1, 1, 16, 1, 24, 1, 8, 0),
-    (2, 9, 32, 20, 40, 2, 144, 1),  # head dim 72
+    (2, 9, 32, 20, 40, 2, 144, 40),  # head dim 72
 )
 
 
@@ -111,14 +103,15 @@ def write_params(key, t, d, width, hidden, dtype) -> WriteBlockParams:
       wo=n((width, t), width ** -0.5), bo=n((t,), 0.1), **mlp)
 
 
-def block_inputs(seed, direction, batch, m, d, n, t, width, mlp_ratio, dtype):
-  """(queries' source, kv source, params), cotangent for the output."""
+def block_inputs(seed, direction, batch, m, d, n, t, width, hidden, dtype):
+  """(queries' source, kv source, params), cotangent for the output (hidden: the write
+  block's MLP width, 0: none)."""
   ks = jax.random.split(jax.random.PRNGKey(seed), 4)
   z = _normal(ks[0], (batch, m, d), 1.0, dtype)
   x = _normal(ks[1], (batch, n, t), 1.0, dtype)
   if direction == "read":
     return (z, x, read_params(ks[2], d, t, width, dtype)), _normal(ks[3], z.shape, 1.0, jnp.float32)
-  p = write_params(ks[2], t, d, width, mlp_ratio * t, dtype)
+  p = write_params(ks[2], t, d, width, hidden, dtype)
   return (x, z, p), _normal(ks[3], x.shape, 1.0, jnp.float32)
 
 
@@ -148,37 +141,17 @@ def oracle(op, args, ct, **kw):
   return value_and_grads(fn, to64(args), to64(ct))
 
 
-def assert_close(got, want, dtype=None, what="", *, tol=None):
-  """Every leaf finite, and max|got - want| <= tol * scale, scale being the
-  leaf's largest reference magnitude, floored at 10% of the largest over all leaves
-  (some gradients, e.g. of the key bias, are exactly zero in exact arithmetic).
-  tol: given explicitly, or tolerance(dtype)."""
-  got_l, want_l = jax.tree.leaves(got), jax.tree.leaves(want)
-  assert len(got_l) == len(want_l), (len(got_l), len(want_l))
-  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(want)]
-  gmax = max(float(np.max(np.abs(np.asarray(w, np.float64)))) for w in want_l)
-  if tol is None:
-    tol = tolerance(dtype)
-  for path, g, w in zip(paths, got_l, want_l):
-    g = np.asarray(jnp.asarray(g, jnp.float32), np.float64)
-    w = np.asarray(w, np.float64)
-    assert g.shape == w.shape, f"{what}{path}: shape {g.shape} != {w.shape}"
-    assert np.all(np.isfinite(g)), f"{what}{path}: non-finite values"
-    scale = max(float(np.max(np.abs(w))), 0.1 * gmax, 1e-30)
-    err = float(np.max(np.abs(g - w)))
-    assert err <= tol * scale, (
-        f"{what}{path}: max abs err {err:.3g} > {tol:g} * {scale:.3g} (dtype {dtype if dtype is None else jnp.dtype(dtype)})")
+def assert_close(got, want, *, tol, what="", zero_scaled_by=None):
+  """The comparison rule (see TOLERANCES): every leaf finite and, element by element,
+  |got - want| <= tol * (|want| + rms(want)), and rms(got - want) <= tol * rms(want), rms
+  over that leaf alone: no floor of 1 and none shared between leaves, so a leaf that is
+  wrong by a few percent fails even when another leaf is much larger.
 
-
-def assert_close_per_value(got, want, *, tol, what="", zero_scaled_by=None):
-  """Every leaf finite and, element by element, |got - want| <= tol * (|want| + rms(want)),
-  rms over that leaf alone: no floor of 1 and none shared between leaves, so a leaf that
-  is wrong by a few percent fails even when another leaf is much larger.
-
-  zero_scaled_by: {path suffix: other path suffix} for leaves that are exactly zero in
-  exact arithmetic (the key-bias gradient of attention: softmax ignores a per-query
-  constant); they are held to tol * rms of the named leaf instead of their own rounding
-  noise."""
+  Leaves that are exactly zero in exact arithmetic (the key-bias gradient: softmax ignores
+  a per-query constant; with one key, everything on the query side) have no scale of their
+  own: zero_scaled_by {path suffix: other path suffix} names the leaf whose rms scales
+  them; one not named, whose oracle is zero to float64 rounding, is held to the rms of
+  the whole tree."""
   got_l = jax.tree.leaves(got)
   want_pl = jax.tree_util.tree_leaves_with_path(want)
   assert len(got_l) == len(want_pl), (len(got_l), len(want_pl))
@@ -186,17 +159,25 @@ def assert_close_per_value(got, want, *, tol, what="", zero_scaled_by=None):
   want_l = [np.asarray(w, np.float64) for _, w in want_pl]
   rms = {p: float(np.sqrt(np.mean(np.square(w)))) if w.size else 0.0
          for p, w in zip(paths, want_l)}
+  n_all = sum(w.size for w in want_l)
+  tree_rms = float(np.sqrt(sum(np.sum(np.square(w)) for w in want_l) / max(1, n_all)))
   zero_scaled_by = zero_scaled_by or {}
   for path, g, w in zip(paths, got_l, want_l):
     g = np.asarray(jnp.asarray(g, jnp.float32), np.float64)
     assert g.shape == w.shape, f"{what}{path}: shape {g.shape} != {w.shape}"
     assert np.all(np.isfinite(g)), f"{what}{path}: non-finite values"
+    if not g.size:
+      continue
     suffix = next((s for s in zero_scaled_by if path.endswith(s)), None)
-    if suffix is not None:
-      scale = rms[path[:-len(suffix)] + zero_scaled_by[suffix]]
-      err = float(np.max(np.abs(g - w))) if g.size else 0.0
+    if suffix is not None or rms[path] <= 1e-12 * tree_rms:
+      scale = (rms[path[:-len(suffix)] + zero_scaled_by[suffix]] if suffix is not None
+               else tree_rms)
+      err = float(np.max(np.abs(g - w)))
       assert err <= tol * scale, f"{what}{path}: max abs err {err:.3g} > {tol:g} * {scale:.3g}"
       continue
+    rms_err = float(np.sqrt(np.mean(np.square(g - w))))
+    assert rms_err <= tol * rms[path], (
+        f"{what}{path}: rms err {rms_err:.3g} > {tol:g} * rms {rms[path]:.3g}")
     bound = tol * (np.abs(w) + rms[path])
     bad = np.abs(g - w) > bound
     if np.any(bad):
@@ -205,3 +186,45 @@ def assert_close_per_value(got, want, *, tol, what="", zero_scaled_by=None):
           f"{what}{path}: {int(bad.sum())} of {g.size} values off, worst at {i}: got "
           f"{g[i]:.6g}, want {w[i]:.6g} (bound {bound[i]:.3g} = {tol:g} * (|want| + rms "
           f"{rms[path]:.3g}))")
+
+
+# ----------------------------------------------------------------------------
+# Checking one op of a backend: forward and every gradient against the oracle.
+# ----------------------------------------------------------------------------
+
+def check_attention(fn, shape, dtype, *, backend, seed=0, what=""):
+  """fn(q, k, v) at shape (batch, q_len, kv_len, heads, head_dim) against the oracle."""
+  args, ct = attention_inputs(seed, *shape, dtype)
+  out, grads = value_and_grads(fn, args, ct)
+  want_out, want_grads = oracle("attention", args, ct)
+  assert out.dtype == jnp.dtype(dtype), out.dtype
+  what = f"{what}attention{tuple(shape)} {jnp.dtype(dtype).name}: "
+  assert_close(out, want_out, tol=tolerance(backend, dtype), what=what + "forward")
+  assert_close(grads, want_grads, tol=tolerance(backend, dtype, grad=True),
+               what=what + "grad")
+
+
+def check_block(fn, direction, shape, dtype, *, backend, seed=0, what=""):
+  """fn(q_src, kv_src, params) of a read/write block at shape (batch, m, d, n, t, heads,
+  width, mlp_hidden) against the oracle (fn closes over num_heads)."""
+  batch, m, d, n, t, heads, width, hidden = shape
+  args, ct = block_inputs(seed, direction, batch, m, d, n, t, width, hidden, dtype)
+  out, grads = value_and_grads(fn, args, ct)
+  want_out, want_grads = oracle(direction, args, ct, num_heads=heads)
+  assert out.dtype == jnp.dtype(dtype) and out.shape == args[0].shape, (out.dtype, out.shape)
+  what = f"{what}{direction}_block{tuple(shape)} {jnp.dtype(dtype).name}: "
+  assert_close(out, want_out, tol=tolerance(backend, dtype), what=what + "forward")
+  assert_close(grads, want_grads, tol=tolerance(backend, dtype, grad=True),
+               what=what + "grad", zero_scaled_by={".bk": ".wk"})
+
+
+def check_op(impl_fn, o: shapes.OpShape, dtype, *, backend, batch=1, seed=0):
+  """An OpShape of the table through impl_fn(kind, heads) -> the op's function."""
+  if o.kind == "attention":
+    check_attention(impl_fn("attention", o.heads), (batch, o.lq, o.lk, o.heads, o.head_dim),
+                    dtype, backend=backend, seed=seed, what=f"{o.name} ")
+    return
+  m, n = (o.lq, o.lk) if o.kind == "read" else (o.lk, o.lq)
+  d, t = (o.cq, o.ckv) if o.kind == "read" else (o.ckv, o.cq)
+  check_block(impl_fn(o.kind, o.heads), o.kind, (batch, m, d, n, t, o.heads, o.width, o.mlp),
+              dtype, backend=backend, seed=seed, what=f"{o.name} ")

@@ -6,6 +6,7 @@ All on CPU: `interpret=True` runs the very kernels that Mosaic compiles on TPU.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import hypothesis
@@ -18,7 +19,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 import kernels
 import kernels.pallas_tpu as P
-from kernels.params import ReadBlockParams, WriteBlockParams
+from kernels import shapes
 from tests.kernels import op_cases as oc
 
 
@@ -29,25 +30,29 @@ def _attn(interpret=True, block_sizes=None):
   return functools.partial(P.cross_attention, interpret=interpret, block_sizes=block_sizes)
 
 
+def _block(direction, heads, interpret=True, block_sizes=None):
+  op = P.read_block if direction == "read" else P.write_block
+  return functools.partial(op, num_heads=heads, interpret=interpret, block_sizes=block_sizes)
+
+
+def _op(kind, heads, interpret=True):
+  """The pallas_tpu function of an OpShape's kind ("attention", "read", "write")."""
+  return _attn(interpret) if kind == "attention" else _block(kind, heads, interpret)
+
+
 def check_attention(shape, dtype, *, interpret=True, block_sizes=None, seed=0):
-  args, ct = oc.attention_inputs(seed, *shape, dtype)
-  got = oc.value_and_grads(_attn(interpret, block_sizes), args, ct)
-  want = oc.oracle("attention", args, ct)
-  oc.assert_close(got, want, dtype, what=f"attention{shape} {jnp.dtype(dtype)}: ")
+  oc.check_attention(_attn(interpret, block_sizes), shape, dtype, backend="pallas_tpu",
+                     seed=seed)
 
 
 def check_block(direction, shape, dtype, *, interpret=True, block_sizes=None, seed=0):
-  batch, m, d, n, t, heads, width, mlp_ratio = shape
-  args, ct = oc.block_inputs(seed, direction, batch, m, d, n, t, width, mlp_ratio, dtype)
-  op = P.read_block if direction == "read" else P.write_block
-  fn = functools.partial(op, num_heads=heads, interpret=interpret, block_sizes=block_sizes)
-  got = oc.value_and_grads(fn, args, ct)
-  want = oc.oracle(direction, args, ct, num_heads=heads)
-  oc.assert_close(got, want, dtype, what=f"{direction}_block{shape} {jnp.dtype(dtype)}: ")
+  """shape: (batch, m, d, n, t, heads, width, mlp_hidden)."""
+  oc.check_block(_block(direction, shape[5], interpret, block_sizes), direction, shape, dtype,
+                 backend="pallas_tpu", seed=seed)
 
 
-def _block_shape(s: oc.BlockShape):
-  return (s.batch, s.m, s.d, s.n, s.t, s.heads, s.width, s.mlp_ratio)
+def check_op(o, dtype):
+  oc.check_op(_op, o, dtype, backend="pallas_tpu")
 
 
 # ----------------------------------------------------------------------------
@@ -88,15 +93,14 @@ def test_attention_bf16(shape):
 @pytest.mark.parametrize("s", oc.PUBLISHED[:2], ids=lambda s: s.name)
 def test_attention_latent_self_attention_published(s):
   # The model's latent self-attention: q = k = v source, length M.
-  check_attention((1, s.m, s.m, s.latent_heads, s.latent_head_dim), jnp.float32)
+  check_op(shapes.op_shape(s, "latent_self_attention"), jnp.float32)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("s", oc.PUBLISHED, ids=lambda s: s.name)
 def test_attention_read_write_directions_published(s):
-  dh = s.width // s.heads
-  check_attention((1, s.m, s.n, s.heads, dh), jnp.float32)    # read: latents <- interface
-  check_attention((1, s.n, s.m, s.heads, dh), jnp.bfloat16)   # write: interface <- latents
+  check_op(shapes.op_shape(s, "read_attention"), jnp.float32)     # latents <- interface
+  check_op(shapes.op_shape(s, "write_attention"), jnp.bfloat16)   # interface <- latents
 
 
 @hypothesis.settings(max_examples=3, deadline=None, derandomize=True)
@@ -125,33 +129,33 @@ def test_read_block_streamed_interface_small_blocks_fp32():
 
 
 def test_write_block_several_tiles_fp32():
-  check_block("write", (2, 8, 32, 200, 32, 2, 32, 2), jnp.float32,
+  check_block("write", (2, 8, 32, 200, 32, 2, 32, 64), jnp.float32,
               block_sizes=P.WriteBlockSizes(block_n=64))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("direction", ["read", "write"])
 def test_block_bf16(direction):
-  check_block(direction, (1, 16, 64, 200, 64, 2, 64, 2), jnp.bfloat16)
+  check_block(direction, (1, 16, 64, 200, 64, 2, 64, 128), jnp.bfloat16)
 
 
 @pytest.mark.parametrize("direction", ["read", pytest.param("write", marks=pytest.mark.slow)])
 def test_block_cifar10_published_fp32(direction):
-  check_block(direction, _block_shape(oc.CIFAR10), jnp.float32)
+  check_op(shapes.op_shape(oc.CIFAR10, f"{direction}_block"), jnp.float32)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("direction", ["read", "write"])
 @pytest.mark.parametrize("s", oc.PUBLISHED[1:], ids=lambda s: s.name)
 def test_block_imagenet64_published_fp32(direction, s):
-  check_block(direction, _block_shape(s), jnp.float32)
+  check_op(shapes.op_shape(s, f"{direction}_block"), jnp.float32)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("direction", ["read", "write"])
 @pytest.mark.parametrize("s", oc.PUBLISHED[:2], ids=lambda s: s.name)
 def test_block_published_bf16(direction, s):
-  check_block(direction, _block_shape(s), jnp.bfloat16)
+  check_op(shapes.op_shape(s, f"{direction}_block"), jnp.bfloat16)
 
 
 @pytest.mark.slow
@@ -160,7 +164,8 @@ def test_block_published_bf16(direction, s):
                   m=hst.integers(1, 40), n=hst.integers(1, 300), heads=hst.integers(1, 3),
                   dh=hst.sampled_from([8, 16, 24]), mlp=hst.integers(0, 2))
 def test_block_property_random_shapes(direction, b, m, n, heads, dh, mlp):
-  check_block(direction, (b, m, 24, n, 16, heads, heads * dh, mlp), jnp.float32, seed=m + n)
+  check_block(direction, (b, m, 24, n, 16, heads, heads * dh, mlp * 16), jnp.float32,
+              seed=m + n)
 
 
 # ----------------------------------------------------------------------------
@@ -177,7 +182,7 @@ def test_tpu_interpreter_with_race_detection():
   check_attention((1, 20, 300, 2, 32), jnp.float32, interpret=ip,
                   block_sizes=P.AttentionBlockSizes(block_q=8, block_k=128))
   assert not _races_found()
-  check_block("write", (1, 8, 16, 20, 16, 2, 16, 2), jnp.float32, interpret=ip,
+  check_block("write", (1, 8, 16, 20, 16, 2, 16, 32), jnp.float32, interpret=ip,
               block_sizes=P.WriteBlockSizes(block_n=8))
   assert not _races_found()
 
@@ -220,21 +225,17 @@ def test_vmem_budget_refuses_blocks_that_do_not_fit():
         q, k, v, block_sizes=P.AttentionBlockSizes(block_q=4096, block_k=8192)), big, big, big)
   # Write block: a 4096-row tile of a wide MLP cannot fit; the default shrinks to fit.
   s = oc.IMAGENET64_P4
-  x = jax.ShapeDtypeStruct((1, 8192, s.t), jnp.float32)
-  z = jax.ShapeDtypeStruct((1, s.m, s.d), jnp.float32)
-  p = jax.eval_shape(lambda: oc.write_params(jax.random.PRNGKey(0), s.t, s.d, s.width,
-                                              4 * s.t, jnp.float32))
+  f32 = jnp.float32
+  x, z, p = shapes.abstract_args(shapes.op_shape(s, "write_block", n=8192), 1, f32)
   with pytest.raises(ValueError, match=r"pallas_tpu.write_block.*VMEM"):
-    jax.eval_shape(lambda x, z, p: P.write_block(x, z, p, num_heads=s.heads,
+    jax.eval_shape(lambda x, z, p: P.write_block(x, z, p, num_heads=s.rw_heads,
                                                  block_sizes=P.WriteBlockSizes(4096)), x, z, p)
-  out = jax.eval_shape(lambda x, z, p: P.write_block(x, z, p, num_heads=s.heads), x, z, p)
+  out = jax.eval_shape(lambda x, z, p: P.write_block(x, z, p, num_heads=s.rw_heads), x, z, p)
   assert out.shape == x.shape
   # Read block: too many latent rows per block.
-  zr = jax.ShapeDtypeStruct((1, 8192, s.d), jnp.float32)
-  pr = jax.eval_shape(lambda: oc.read_params(jax.random.PRNGKey(0), s.d, s.t, s.width,
-                                             jnp.float32))
+  zr, x, pr = shapes.abstract_args(shapes.op_shape(s, "read_block", m=8192, n=8192), 1, f32)
   with pytest.raises(ValueError, match=r"pallas_tpu.read_block.*VMEM"):
-    jax.eval_shape(lambda z, x, p: P.read_block(z, x, p, num_heads=s.heads,
+    jax.eval_shape(lambda z, x, p: P.read_block(z, x, p, num_heads=s.rw_heads,
                                                 block_sizes=P.ReadBlockSizes(8192, 8192)),
                    zr, x, pr)
 
@@ -253,112 +254,27 @@ def _export_tpu(fn, *args):
   return counts
 
 
-def _sds(tree, dtype):
-  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dtype), tree)
-
-
 EXPORT_BATCH = 8
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("s", oc.PUBLISHED, ids=lambda s: s.name)
 def test_every_kernel_lowers_for_tpu_at_published_shapes(s, dtype):
-  b = EXPORT_BATCH
-  dh = s.width // s.heads
-  sds = lambda shape: jax.ShapeDtypeStruct(shape, dtype)
-  attn = lambda q, k, v: P.cross_attention(q, k, v)
-  lat = sds((b, s.m, s.latent_heads, s.latent_head_dim))
-  # Latent self-attention, read-direction and write-direction attention.
-  assert _export_tpu(attn, lat, lat, lat) == [1, 3]
-  assert _export_tpu(attn, sds((b, s.m, s.heads, dh)), sds((b, s.n, s.heads, dh)),
-                     sds((b, s.n, s.heads, dh))) == [1, 3]
-  assert _export_tpu(attn, sds((b, s.n, s.heads, dh)), sds((b, s.m, s.heads, dh)),
-                     sds((b, s.m, s.heads, dh))) == [1, 3]
-  # Fused blocks (params in the compute dtype, as the layers pass them).
-  z, x = sds((b, s.m, s.d)), sds((b, s.n, s.t))
-  rp = _sds(oc.read_params(jax.random.PRNGKey(0), s.d, s.t, s.width, jnp.float32), dtype)
-  wp = _sds(oc.write_params(jax.random.PRNGKey(0), s.t, s.d, s.width, s.mlp_ratio * s.t,
-                            jnp.float32), dtype)
-  assert _export_tpu(lambda z, x, p: P.read_block(z, x, p, num_heads=s.heads), z, x, rp) == [1, 3]
-  assert _export_tpu(lambda x, z, p: P.write_block(x, z, p, num_heads=s.heads), x, z, wp) == [1, 3]
+  # Latent self-attention, read/write-direction attention and the fused blocks (params in
+  # the compute dtype, as the layers pass them).
+  for o in shapes.op_shapes(s):
+    args = shapes.abstract_args(o, EXPORT_BATCH, dtype)
+    assert _export_tpu(_op(o.kind, o.heads, interpret=False), *args) == [1, 3], o.name
 
 
 def test_odd_shapes_lower_for_tpu():
-  f32 = jnp.float32
-  sds = lambda shape: jax.ShapeDtypeStruct(shape, f32)
-  attn = lambda q, k, v: P.cross_attention(q, k, v)
-  assert _export_tpu(attn, sds((1, 7, 2, 72)), sds((1, 1000, 2, 72)), sds((1, 1000, 2, 72))) == [1, 3]
-  assert _export_tpu(attn, sds((1, 1, 1, 200)), sds((1, 1, 1, 200)), sds((1, 1, 1, 200))) == [1, 3]
-  rp = _sds(oc.read_params(jax.random.PRNGKey(0), 48, 32, 144, f32), f32)
-  assert _export_tpu(lambda z, x, p: P.read_block(z, x, p, num_heads=2),
-                     sds((1, 7, 48)), sds((1, 1000, 32)), rp) == [1, 3]
-  wp = _sds(oc.write_params(jax.random.PRNGKey(0), 32, 48, 144, 0, f32), f32)
-  assert _export_tpu(lambda x, z, p: P.write_block(x, z, p, num_heads=2),
-                     sds((1, 1000, 32)), sds((1, 7, 48)), wp) == [1, 1]  # no MLP: no
-  # saved y, so XLA drops the forward kernel from the gradient.
-
-
-# ----------------------------------------------------------------------------
-# Whole model: pallas_tpu (interpreted) == xla on the tiny digits config.
-# ----------------------------------------------------------------------------
-
-@pytest.mark.slow
-def test_whole_model_pallas_tpu_matches_xla_digits():
-  import rin
-  from rin.configs import digits
-  cfg = digits.get_config()
-  b = 2
-  m = cfg.model
-  x = jax.random.normal(jax.random.PRNGKey(0), (b, m.image_size, m.image_size, m.channels))
-  gamma = jnp.array([0.3, 0.8])
-  labels = jnp.array([1, 7])
-  prev = 0.5 * jax.random.normal(jax.random.PRNGKey(1), (b, m.num_latents, m.latent_dim))
-  ref = rin.RIN(**m, implementation="xla")
-  fast = rin.RIN(**m, implementation="pallas_tpu", interpret=True)
-  params = ref.init(jax.random.PRNGKey(2), x, gamma, labels, prev)
-  # LN0 of self-conditioning starts at zero; make it non-zero so prev matters.
-  params = jax.tree_util.tree_map_with_path(
-      lambda p, a: a + 0.1 if "self_cond_ln0" in jax.tree_util.keystr(p) else a, params)
-
-  def loss(model, params):
-    out, z = model.apply(params, x, gamma, labels, prev)
-    return jnp.mean(out ** 2) + jnp.mean(z ** 2), (out, z)
-
-  (l_ref, (o_ref, z_ref)), g_ref = jax.value_and_grad(
-      functools.partial(loss, ref), has_aux=True)(params)
-  (l_fast, (o_fast, z_fast)), g_fast = jax.value_and_grad(
-      functools.partial(loss, fast), has_aux=True)(params)
-  assert jax.tree.structure(g_ref) == jax.tree.structure(g_fast)
-  np.testing.assert_allclose(o_fast, o_ref, rtol=1e-4, atol=1e-4)
-  np.testing.assert_allclose(z_fast, z_ref, rtol=1e-4, atol=1e-4)
-  oc.assert_close(g_fast, g_ref, jnp.float32, what="model grads ")
-
-
-# ----------------------------------------------------------------------------
-# bench/costs.py and bench/roofline.py (the roofline the TPU timings are held to).
-# ----------------------------------------------------------------------------
-
-def test_costs_match_hand_counts_and_roofline_writes_json(tmp_path):
-  from bench import costs, roofline
-  c = costs.cross_attention(2, 3, 5, 7, 8, "bfloat16")
-  assert c.flops == 4 * 2 * 3 * 5 * 7 * 8
-  assert c.bytes == 2 * (2 * 2 * 3 * 7 * 8 + 2 * 2 * 5 * 7 * 8) + 4 * 2 * 7 * 3
-  assert costs.cross_attention(2, 3, 5, 7, 8, backward=True).flops == 2 * c.flops
-  # Block FLOPs agree with XLA's own count of the reference's matmuls (fp32 inputs).
-  s = oc.CIFAR10
-  (x, z, p), _ = oc.block_inputs(0, "write", 1, s.m, s.d, s.n, s.t, s.width, s.mlp_ratio,
-                                 jnp.float32)
-  xla = jax.jit(lambda x, z, p: kernels.reference.write_block(x, z, p, num_heads=s.heads)
-                ).lower(x, z, p).compile().cost_analysis()
-  xla = xla[0] if isinstance(xla, (list, tuple)) else xla
-  ours = costs.write_block(1, s.n, s.t, s.m, s.d, s.heads, s.width, s.mlp_ratio * s.t, "float32")
-  assert abs(ours.flops - xla["flops"]) / xla["flops"] < 0.05, (ours.flops, xla["flops"])
-  out = tmp_path / "roofline.json"
-  rs = roofline.main(["--batch", "4", "--out", str(out)])
-  assert out.exists() and len(rs) == 3 * 10
-  r = rs[0]
-  assert r["v5e_roofline_us"] == pytest.approx(
-      1e6 * max(r["flops"] / 197e12, r["bytes"] / 819e9))
+  for o in shapes.ODD:
+    args = shapes.abstract_args(o, 1, jnp.float32)
+    assert _export_tpu(_op(o.kind, o.heads, interpret=False), *args) == [1, 3], o.name
+  # No MLP: no saved y, so XLA drops the forward kernel from the gradient.
+  o = dataclasses.replace(shapes.ODD[-1], mlp=0)
+  args = shapes.abstract_args(o, 1, jnp.float32)
+  assert _export_tpu(_op(o.kind, o.heads, interpret=False), *args) == [1, 1]
 
 
 # ----------------------------------------------------------------------------
@@ -385,7 +301,7 @@ def test_every_kernel_compiles_for_tpu_v5e_with_libtpu():
   env = dict(os.environ)
   if _libtpu_site():
     env["PYTHONPATH"] = os.pathsep.join([_libtpu_site(), os.getcwd(), env.get("PYTHONPATH", "")])
-  r = subprocess.run([sys.executable, "-m", "kernels.pallas_tpu.aot_check", "--topology",
+  r = subprocess.run([sys.executable, "-m", "bench.tpu_aot_check", "--topology",
                       "v5e:1x1", "--batch", "8"], env=env, capture_output=True, text=True,
                      timeout=1500)
   assert r.returncode == 0 and "\n0 failures" in r.stdout, r.stdout[-4000:] + r.stderr[-2000:]

@@ -1,10 +1,10 @@
 """One prepared GPU check: numerics through jax-triton (bf16 included) and timings.
 
-    python -m kernels.triton_gpu.gpu_check [--out bench/results/triton_gpu_check.md]
+    python -m bench.triton_gpu_check [--out bench/results/triton_gpu_check.md]
         [--write-wins]        # record the Triton-vs-XLA timings in autotune_table.WINS
-    python -m kernels.triton_gpu.gpu_check --interpret --quick   # CPU dry run of this script
+    python -m bench.triton_gpu_check --interpret --quick   # CPU dry run of this script
 
-For every published RIN shape (kernels.triton_gpu.shapes.PUBLISHED, at --batch): forward
+For every published RIN shape (kernels.shapes.distinct_ops of OPS below, at --batch): forward
 and gradients of the Triton op vs. the float64 reference (max error relative to
 max(1, |ref|)), then the time of forward+backward for implementation="triton", "xla"
 (jitted reference, default precision) and, for attention, jax.nn.dot_product_attention:
@@ -18,13 +18,20 @@ from __future__ import annotations
 
 import argparse
 import os
+import pprint
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+import kernels
 from bench import timing
+from kernels import api, shapes
+from kernels.triton_gpu import autotune_table
+
+# The block ops (their attention inside) and the latent self-attention.
+OPS = ("read_block", "write_block", "latent_self_attention")
 
 
 def _rel_err(got, want):
@@ -38,7 +45,7 @@ def _rel_err(got, want):
   return float(max(errs))
 
 
-def _time_us(f, args, iters):
+def time_us(f, args, iters):
   """Median microseconds per call of f(*args): one warm-up call, then `iters` timed ones."""
   t = timing.time_calls(f, [args], warmup=1, repeats=iters, sync=timing.block)
   return t.median * 1e6
@@ -54,19 +61,14 @@ def _materialize(sds_tree, key):
   return jax.tree.unflatten(tree, out)
 
 
-def check(shape, dtype, batch, interpret, iters):
-  import dataclasses
-  import kernels
-  from kernels.triton_gpu import shapes
-  s = dataclasses.replace(shape, b=batch)
-  sds = shapes.abstract_args(s, dtype)
-  args = _materialize(sds, jax.random.key(0))
-  if s.op == "attention":
+def check(s: shapes.OpShape, dtype, batch, interpret, iters):
+  args = _materialize(shapes.abstract_args(s, batch, dtype, jnp.float32), jax.random.key(0))
+  if s.kind == "attention":
     def op(impl):
       return lambda q, k, v: kernels.cross_attention(q, k, v, implementation=impl,
                                                      interpret=interpret)
   else:
-    fn = kernels.read_block if s.op == "read" else kernels.write_block
+    fn = kernels.read_block if s.kind == "read" else kernels.write_block
     def op(impl):
       return lambda a, b, p: fn(a, b, p, num_heads=s.heads, implementation=impl,
                                 interpret=interpret)
@@ -81,28 +83,26 @@ def check(shape, dtype, batch, interpret, iters):
     gwant = jax.grad(loss(op("xla")), argnums=argn)(*a64)
   got = jax.jit(op("triton"))(*args)
   ggot = jax.jit(jax.grad(loss(op("triton")), argnums=argn))(*args)
-  from kernels import api
-  if s.op == "attention":
+  if s.kind == "attention":
     key = api.shape_class("attention", args[0], args[1])
   else:
     mlp = () if getattr(args[2], "w1", None) is None else (args[2].w1,)
-    key = api.shape_class(s.op, args[0], args[1], args[2].wq, *mlp, heads=s.heads,
+    key = api.shape_class(s.kind, args[0], args[1], args[2].wq, *mlp, heads=s.heads,
                           dtype=args[0].dtype)
   row = dict(shape=s.name, dtype=jnp.dtype(dtype).name, key=key,
              fwd_err=_rel_err(got, want), grad_err=_rel_err(ggot, gwant))
   for impl in ("triton", "xla"):
-    row[f"{impl}_fwd_us"] = _time_us(jax.jit(op(impl)), args, iters)
-    row[f"{impl}_fwdbwd_us"] = _time_us(jax.jit(jax.grad(loss(op(impl)), argnums=argn)), args,
+    row[f"{impl}_fwd_us"] = time_us(jax.jit(op(impl)), args, iters)
+    row[f"{impl}_fwdbwd_us"] = time_us(jax.jit(jax.grad(loss(op(impl)), argnums=argn)), args,
                                         iters)
-  if s.op == "attention":
+  if s.kind == "attention":
     dpa = lambda q, k, v: jax.nn.dot_product_attention(q, k, v)
-    row["dpa_fwd_us"] = _time_us(jax.jit(dpa), args, iters)
-    row["dpa_fwdbwd_us"] = _time_us(jax.jit(jax.grad(loss(dpa), argnums=argn)), args, iters)
+    row["dpa_fwd_us"] = time_us(jax.jit(dpa), args, iters)
+    row["dpa_fwdbwd_us"] = time_us(jax.jit(jax.grad(loss(dpa), argnums=argn)), args, iters)
   return row
 
 
 def main(argv=None):
-  from kernels.triton_gpu import shapes as cr
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--out", default="bench/results/triton_gpu_check.md")
   ap.add_argument("--batch", type=int, default=32)
@@ -113,12 +113,13 @@ def main(argv=None):
   ap.add_argument("--write-wins", action="store_true",
                   help="write the fwd+bwd medians into autotune_table.WINS (GPU runs only)")
   a = ap.parse_args(argv)
-  shapes = cr.PUBLISHED[:1] if a.quick else cr.PUBLISHED
+  cases = shapes.distinct_ops(shapes.PUBLISHED, OPS)
+  cases = cases[:1] if a.quick else cases
   rows = []
   for dt in a.dtypes.split(","):
     if a.interpret and dt == "bfloat16":
       continue  # the interpreter's bf16 dot is wrong
-    for s in shapes:
+    for s in cases:
       r = check(s, jnp.dtype(dt), a.batch, a.interpret, a.iters)
       print(r, flush=True)
       rows.append(r)
@@ -143,10 +144,25 @@ def main(argv=None):
   return 0
 
 
+def rewrite_autotune_table(*, wins=None, table=None):
+  """Rewrites WINS and/or TABLE in kernels/triton_gpu/autotune_table.py (its docstring and
+  the other table kept as they are)."""
+  path = autotune_table.__file__
+  src = open(path).read()
+  head = src[: src.index("\nWINS: dict") + 1]
+  old_wins = src[src.index("\nWINS: dict") + 1: src.index("\nTABLE: dict") + 1]
+  old_table = src[src.index("\nTABLE: dict") + 1:]
+  fmt = lambda d: pprint.pformat(d, width=100, sort_dicts=True)
+  new_wins = old_wins if wins is None else f"WINS: dict[str, dict] = {fmt(wins)}\n\n"
+  new_table = (old_table if table is None
+               else f"TABLE: dict[str, dict[str, int]] = {fmt(table)}\n")
+  with open(path, "w") as fh:
+    fh.write(head + new_wins + new_table)
+  print("wrote", os.path.relpath(path))
+
+
 def write_wins(rows, device):
   """Rewrites autotune_table.WINS with these rows' fwd+bwd medians (kept: other keys)."""
-  import pprint
-  from kernels.triton_gpu import autotune_table
   wins = dict(getattr(autotune_table, "WINS", {}))
   for r in rows:
     if not (np.isfinite(r["fwd_err"]) and np.isfinite(r["grad_err"])):
@@ -155,14 +171,8 @@ def write_wins(rows, device):
                           xla_us=round(r["xla_fwdbwd_us"], 1),
                           triton_fwd_us=round(r["triton_fwd_us"], 1),
                           xla_fwd_us=round(r["xla_fwd_us"], 1), device=device)
-  path = autotune_table.__file__
-  src = open(path).read()
-  head = src[: src.index("\nWINS: dict") + 1]
-  tail = src[src.index("\nTABLE: dict") + 1:]
-  with open(path, "w") as fh:
-    fh.write(head + "WINS: dict[str, dict] = " + pprint.pformat(wins, width=100) + "\n\n"
-             + tail)
-  print("wrote", os.path.relpath(path), len(wins), "WINS entries")
+  rewrite_autotune_table(wins=wins)
+  print(len(wins), "WINS entries")
 
 
 if __name__ == "__main__":
