@@ -170,8 +170,10 @@ def assert_close(got, want, *, tol, what="", zero_scaled_by=None):
       continue
     suffix = next((s for s in zero_scaled_by if path.endswith(s)), None)
     if suffix is not None or rms[path] <= 1e-12 * tree_rms:
-      scale = (rms[path[:-len(suffix)] + zero_scaled_by[suffix]] if suffix is not None
-               else tree_rms)
+      named = rms[path[:-len(suffix)] + zero_scaled_by[suffix]] if suffix is not None else 0.0
+      # The named leaf can be structurally zero too (one key: the whole query side): then
+      # the tree's rms is the scale.
+      scale = named if named > 1e-12 * tree_rms else tree_rms
       err = float(np.max(np.abs(g - w)))
       assert err <= tol * scale, f"{what}{path}: max abs err {err:.3g} > {tol:g} * {scale:.3g}"
       continue
