@@ -1,5 +1,8 @@
 """Kernel microbenchmarks, side by side with every alternative available here.
 
+One file over 400 lines on purpose: the case table, the timing loop, the report and the plot
+read top to bottom as one benchmark; split, each part would import all the others.
+
     python -m bench.kernels [--dtypes bf16,fp32] [--quick] [--out DIR] [--plot]
 
 Ops (the RIN shapes of the published configs, forward and forward+backward):

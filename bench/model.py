@@ -1,5 +1,8 @@
 """Whole-model benchmark: train-step and sampling-step throughput of a RIN config.
 
+One file over 400 lines on purpose: our step and rin-pytorch's are timed by the same
+interleaved loop and written to one report, so both sides sit next to each other.
+
     python -m bench.model --config cifar10 --batch 32 [--implementations xla,triton]
                           [--rin-pytorch] [--steps N] [--sample-steps N] [--out DIR]
                           [--no-interleave]

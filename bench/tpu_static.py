@@ -1,5 +1,8 @@
 """Static TPU cost table of the RIN train step and sampling forward, without a TPU.
 
+One file over 400 lines on purpose: the step compile, the per-kernel profile and the table
+share one set of assumptions (stated below), which stay beside the code that applies them.
+
     pip install -e .[tpu-static]          # libtpu: the XLA:TPU and Mosaic compilers
     python -m bench.tpu_static --gens v5e,v5p,v6e --tag today
 
