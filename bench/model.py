@@ -131,18 +131,18 @@ class Candidate:
 
 def prepare_jax(config, impl: str, batch: int, *, interpret: bool = False) -> Candidate:
   """Compiles (timed) and warms up rin/train.py's step and a sampling step for `impl`."""
-  from rin import train as rt
+  from rin import train_state, train_step
   row = {"framework": "jax", "implementation": impl, "batch": batch,
          "unit": "videos" if _is_video(config) else "images",
          "compute_dtype": config.train.get("dtype") or "float32",
          "onednn_dots": xla_cpu.onednn_dots_requested() if jax.default_backend() == "cpu"
          else None, "freed_memory_kept": xla_cpu.freed_memory_kept()}
-  model = rt.create_model(config, implementation=impl, interpret=interpret)
-  state = rt.init_state(config, model, jax.random.PRNGKey(0))
+  model = train_state.create_model(config, implementation=impl, interpret=interpret)
+  state = train_state.init_state(config, model, jax.random.PRNGKey(0))
   row["params"] = int(sum(x.size for x in jax.tree.leaves(state.params)))
   batches = _batches(config, batch, 2)
 
-  step = jax.jit(rt.make_train_step(model, config), donate_argnums=(0,))
+  step = jax.jit(train_step.make_train_step(model, config), donate_argnums=(0,))
   t0 = time.perf_counter()
   lowered = step.lower(state, batches[0])
   compiled = lowered.compile()

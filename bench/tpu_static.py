@@ -86,18 +86,18 @@ def step_fn(config_name: str, impl: str, mode: str, batch: int, sds):
   """(fn, abstract args) of one step; sds(shape, dtype) makes a placed ShapeDtypeStruct."""
   import jax
   import jax.numpy as jnp
-  from rin import train as train_lib
+  from rin import train_state, train_step
   cfg = make_config(config_name)
-  model = train_lib.create_model(cfg, implementation=impl)
+  model = train_state.create_model(cfg, implementation=impl)
   m = cfg.model
   shapes = jax.eval_shape(
-      lambda r: model.init(r, *train_lib._dummy_inputs(cfg))["params"], jax.random.PRNGKey(0))
+      lambda r: model.init(r, *train_state.dummy_inputs(cfg))["params"], jax.random.PRNGKey(0))
   params = jax.tree.map(lambda a: sds(a.shape, a.dtype), shapes)
   img = sds((batch, m.image_size, m.image_size, m.channels), jnp.float32)
   labels = sds((batch,), jnp.int32)
   if mode == "train":
     def fn(p, image, label, rng):
-      return jax.value_and_grad(train_lib.loss_and_metrics)(
+      return jax.value_and_grad(train_step.loss_and_metrics)(
           p, model, cfg, {"image": image, "label": label}, rng)
     return fn, (params, img, labels, sds((2,), jnp.uint32))
   if mode == "sample":

@@ -103,9 +103,9 @@ def _step_fn(step: Step, dtype: str) -> tuple[Callable, tuple]:
     f = lambda z, x, pp: jnp.sum(tg.read_block(z, x, pp, num_heads=h).astype(jnp.float32))
     args = (sds((b, m, d), dt), sds((b, n, t), dt), p)
     return (lambda *a: (f(*a), jax.grad(f, argnums=(0, 1, 2))(*a))), args
-  from rin import train as rt
+  from rin import train_state, train_step
   cfg = _config(step, dtype)
-  model = rt.create_model(cfg, implementation="triton")
+  model = train_state.create_model(cfg, implementation="triton")
   mc = cfg.model
   size, ch = mc.image_size, mc.channels
   b = step.batch
@@ -123,7 +123,7 @@ def _step_fn(step: Step, dtype: str) -> tuple[Callable, tuple]:
   if step.kind == "train":
     def f(params, images, labels, rng):
       batch = dict(image=images, label=labels)
-      return jax.value_and_grad(rt.loss_and_metrics)(params, model, cfg, batch, rng)
+      return jax.value_and_grad(train_step.loss_and_metrics)(params, model, cfg, batch, rng)
     return f, (params, images, labels, key)
 
   def g(params, x_t, gamma, labels):

@@ -30,6 +30,8 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import scipy.linalg
 
+from rin.images import grey_to_rgb
+
 # --------------------------------------------------------------------------------------
 # Frechet distance and statistics
 # --------------------------------------------------------------------------------------
@@ -344,9 +346,7 @@ def _inception_forward(params, images, size):
   import jax
   import jax.numpy as jnp
   from jax import lax
-  x = images.astype(jnp.float32)
-  if x.shape[-1] == 1:
-    x = jnp.repeat(x, 3, axis=-1)
+  x = grey_to_rgb(images.astype(jnp.float32))
   if x.shape[1:3] != (size, size):
     x = jax.image.resize(x, (x.shape[0], size, size, 3), "bilinear", antialias=False)
 
