@@ -4,7 +4,7 @@
                           [--rin-pytorch] [--steps N] [--sample-steps N] [--out DIR]
                           [--no-interleave]
 
-For each implementation: train-step images/s (the full step of rin/train.py: the
+For each implementation: train-step images/s (the full step of rin/train_step.py: the
 self-conditioning pass, the loss pass, backward, LAMB, EMA), sampling-step images/s
 (one denoiser call with carried latents, as each sampler step makes), compile time,
 peak memory (device memory_stats on GPU/TPU; on CPU XLA's compiled memory_analysis and
@@ -130,7 +130,7 @@ class Candidate:
 
 
 def prepare_jax(config, impl: str, batch: int, *, interpret: bool = False) -> Candidate:
-  """Compiles (timed) and warms up rin/train.py's step and a sampling step for `impl`."""
+  """Compiles (timed) and warms up rin/train_step.py's step and a sampling step for `impl`."""
   from rin import train_state, train_step
   row = {"framework": "jax", "implementation": impl, "batch": batch,
          "unit": "videos" if _is_video(config) else "images",
@@ -227,7 +227,7 @@ def time_candidates(cands: list[Candidate], steps: int, sample_steps: int, ceili
 
 def bench_jax(config, impl: str, batch: int, steps: int, sample_steps: int,
               ceiling: dict, *, interpret: bool = False) -> dict:
-  """Train and sampling step of rin/train.py's model for one implementation."""
+  """Train and sampling step of rin/train_step.py's model for one implementation."""
   cand = prepare_jax(config, impl, batch, interpret=interpret)
   time_candidates([cand], steps, sample_steps, ceiling)
   return cand.row
@@ -495,7 +495,7 @@ def main(argv=None) -> dict:
                                                      "implementations": impls,
                                                      "compute_dtype": cdt},
             "rows": rows, "comparisons": _comparisons(rows),
-            "notes": ["train step = the whole rin/train.py step (self-conditioning pass, loss "
+            "notes": ["train step = the whole rin/train_step.py step (self-conditioning pass, loss "
                       "pass, backward, optimizer, EMA); images/s = batch / median step time",
                       "sampling step = one denoiser call with carried latents (eval mode)",
                       "MFU = FLOPs per step (XLA cost_analysis of the lowered program; torch profiler "

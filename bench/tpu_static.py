@@ -8,7 +8,7 @@ measurement on hardware. For each TPU generation (a deviceless topology,
 `jax.experimental.topologies`), each published config (CIFAR-10, ImageNet-64 patch 4 and 8,
 bf16, batch per chip) and each implementation ("pallas_tpu", "xla"):
 
-* the whole step is compiled (train: value_and_grad of `rin.train.loss_and_metrics`;
+* the whole step is compiled (train: value_and_grad of `rin.train_step.loss_and_metrics`;
   sample: one denoising forward, `train=False`). Every scheduled XLA op carries XLA:TPU's
   `estimated_cycles` in its backend_config; their sum is the XLA part of the step.
 * every Pallas kernel of the pallas_tpu step is taken out of the step's jaxpr and compiled

@@ -5,7 +5,7 @@
 
 What it compiles: the launches that real steps record (`kernels.triton_gpu.launch.
 record_launches()`), traced with abstract inputs, nothing run:
-  cifar10_train    rin.train.loss_and_metrics + grad, CIFAR-10 config, B=256, fp32 params,
+  cifar10_train    rin.train_step.loss_and_metrics + grad, CIFAR-10 config, B=256, fp32 params,
                    bf16 compute (the published config with train.dtype="bfloat16")
   cifar10_sample   one sampling forward of the same model (B=256, bf16)
   imagenet64_train ImageNet-64 config with patch 4 (the paper's), B=128, bf16 compute

@@ -30,6 +30,10 @@ Data sets (``load_dataset``) are held in memory as one ``uint8`` array
 ``make_train_iterator`` builds the infinite, shuffled, per-host-sharded,
 randomly flipped, batched and prefetched training stream on grain, and
 returns a checkpointable iterator (``get_state`` / ``set_state``, JSON).
+
+Why one module over 400 lines: each loader is short, but all of them produce the one
+``ImageDataset`` type whose digest the iterator state records, so that a resume can refuse
+another data set; keeping them beside the pipeline keeps that contract on one page.
 """
 from __future__ import annotations
 

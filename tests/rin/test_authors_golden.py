@@ -98,7 +98,7 @@ def _small_train_config():
 
 
 def test_training_loss_and_every_gradient_match_the_authors(golden, monkeypatch):
-  """rin.train.loss_and_metrics (two passes, per-example self-conditioning mask, eps loss)
+  """rin.train_step.loss_and_metrics (two passes, per-example self-conditioning mask, eps loss)
   with its t / noise / keep draws replaced by the ones the authors' noise_denoise was given."""
   cfg = _small_train_config()
   model = train_state.create_model(cfg)
