@@ -32,7 +32,6 @@ def test_cli_prints_only_its_own_info_lines_unless_verbosity_is_given(tmp_path):
   cache = tmp_path / "cache"
   out = _train(tmp_path / "w", tmp_path / "a.log", cache, "--config.train.num_steps=2")
   assert _info_files(out) <= _RIN_FILES, out          # no orbax / absl INFO chatter
-  assert "orbax" not in out.lower(), out
   # --verbosity=0 (absl's flag) brings the libraries' INFO logs back; our events stay.
   out = _train(tmp_path / "w", tmp_path / "b.log", cache, "--config.train.num_steps=4",
                "--verbosity=0")
