@@ -1,12 +1,17 @@
 """Repository-root conftest: makes kernels/rin/bench importable and shares compiled
 programs between tests through JAX's persistent compilation cache (many tests build the
-same tiny model; recompiling it each time dominated the run)."""
+same tiny model; recompiling it each time dominated the run).
+
+Tests run XLA:CPU's default path. The CLIs' oneDNN dot setting (rin/xla_cpu.py) is tested
+where it matters, in fresh processes (tests/rin/test_xla_cpu.py); RIN_TEST_ONEDNN=1 runs
+the whole suite with it, as the CLIs run.
+"""
 import os
 import tempfile
 
-from rin import xla_cpu
-
-xla_cpu.enable_onednn_dots()   # test what the CLIs run (rin/xla_cpu.py); before any jax work
+if os.environ.get("RIN_TEST_ONEDNN", "0").strip().lower() in ("1", "true", "yes", "on"):
+  from rin import xla_cpu
+  xla_cpu.enable_onednn_dots()   # before any jax work: XLA reads XLA_FLAGS once
 
 import jax  # noqa: E402
 

@@ -7,7 +7,7 @@ interleaved loop and written to one report, so both sides sit next to each other
                           [--rin-pytorch] [--steps N] [--sample-steps N] [--out DIR]
                           [--no-interleave]
 
-For each implementation: train-step images/s (the full step of rin/train.py: the
+For each implementation: train-step images/s (the full step of rin/train_step.py: the
 self-conditioning pass, the loss pass, backward, LAMB, EMA), sampling-step images/s
 (one denoiser call with carried latents, as each sampler step makes), compile time,
 peak memory (device memory_stats on GPU/TPU; on CPU XLA's compiled memory_analysis and
@@ -133,19 +133,19 @@ class Candidate:
 
 
 def prepare_jax(config, impl: str, batch: int, *, interpret: bool = False) -> Candidate:
-  """Compiles (timed) and warms up rin/train.py's step and a sampling step for `impl`."""
-  from rin import train as rt
+  """Compiles (timed) and warms up rin/train_step.py's step and a sampling step for `impl`."""
+  from rin import train_state, train_step
   row = {"framework": "jax", "implementation": impl, "batch": batch,
          "unit": "videos" if _is_video(config) else "images",
          "compute_dtype": config.train.get("dtype") or "float32",
          "onednn_dots": xla_cpu.onednn_dots_requested() if jax.default_backend() == "cpu"
          else None, "freed_memory_kept": xla_cpu.freed_memory_kept()}
-  model = rt.create_model(config, implementation=impl, interpret=interpret)
-  state = rt.init_state(config, model, jax.random.PRNGKey(0))
+  model = train_state.create_model(config, implementation=impl, interpret=interpret)
+  state = train_state.init_state(config, model, jax.random.PRNGKey(0))
   row["params"] = int(sum(x.size for x in jax.tree.leaves(state.params)))
   batches = _batches(config, batch, 2)
 
-  step = jax.jit(rt.make_train_step(model, config), donate_argnums=(0,))
+  step = jax.jit(train_step.make_train_step(model, config), donate_argnums=(0,))
   t0 = time.perf_counter()
   lowered = step.lower(state, batches[0])
   compiled = lowered.compile()
@@ -230,7 +230,7 @@ def time_candidates(cands: list[Candidate], steps: int, sample_steps: int, ceili
 
 def bench_jax(config, impl: str, batch: int, steps: int, sample_steps: int,
               ceiling: dict, *, interpret: bool = False) -> dict:
-  """Train and sampling step of rin/train.py's model for one implementation."""
+  """Train and sampling step of rin/train_step.py's model for one implementation."""
   cand = prepare_jax(config, impl, batch, interpret=interpret)
   time_candidates([cand], steps, sample_steps, ceiling)
   return cand.row
@@ -498,7 +498,7 @@ def main(argv=None) -> dict:
                                                      "implementations": impls,
                                                      "compute_dtype": cdt},
             "rows": rows, "comparisons": _comparisons(rows),
-            "notes": ["train step = the whole rin/train.py step (self-conditioning pass, loss "
+            "notes": ["train step = the whole rin/train_step.py step (self-conditioning pass, loss "
                       "pass, backward, optimizer, EMA); images/s = batch / median step time",
                       "sampling step = one denoiser call with carried latents (eval mode)",
                       "MFU = FLOPs per step (XLA cost_analysis of the lowered program; torch profiler "

@@ -23,20 +23,21 @@ import json
 import os
 import time
 
-import jax
 import numpy as np
 from ml_collections import ConfigDict
 
 from bench import report, timing
 from rin import diffusion
-from rin import train as train_lib
+from rin import evaluation, sampling, train_state
+from rin.configs import base
 from rin import xla_cpu
 
 METRIC_KEYS = ("digits_fd", "digits_label_accuracy", "fid", "inception_score")
 
 
 def load_workdir_config(workdir: str, config_path: str | None = None) -> ConfigDict:
-  """The config a workdir was trained with (its config.json), or a config file."""
+  """The config a workdir was trained with (its config.json, completed with the fields an
+  older version did not write), or a config file."""
   if config_path:
     from bench.model import load_config
     return load_config(config_path)
@@ -44,7 +45,7 @@ def load_workdir_config(workdir: str, config_path: str | None = None) -> ConfigD
   if not os.path.isfile(path):
     raise FileNotFoundError(f"--workdir={workdir!r} has no config.json; pass --config")
   with open(path) as f:
-    return ConfigDict(json.load(f))
+    return base.complete(json.load(f))
 
 
 def _ints(text: str, name: str) -> list[int]:
@@ -59,30 +60,24 @@ def _ints(text: str, name: str) -> list[int]:
 
 class _Model:
   def __init__(self, name, workdir, config, inception):
-    from rin import sample as sample_lib
     self.name, self.workdir = name, workdir
     self.config = ConfigDict(config.to_dict())
     if inception:
       self.config.eval.inception_path = inception
-    self.model = train_lib.create_model(self.config)
-    self.params, self.step = sample_lib.load_ema_params(self.config, workdir, self.model)
-    if not train_lib.has_eval_metric(self.config):
+    self.model = train_state.create_model(self.config)
+    self.params, self.step = train_state.load_ema_params(self.config, workdir, self.model)
+    if not evaluation.has_eval_metric(self.config):
       raise ValueError(f"{workdir}: no metric for data set {self.config.data.name!r}; pass "
                        "--inception with an Inception weights file for FID")
     dataset = None
-    if self.config.eval.get("inception_path", "") and not self.config.eval.get(
-        "fid_reference", ""):
-      dataset = train_lib.load_and_check_data(self.config)
-    self.evaluator = train_lib.Evaluator(self.config, dataset)
+    if self.config.eval.inception_path and not self.config.eval.fid_reference:
+      dataset = train_state.load_and_check_data(self.config)
+    self.evaluator = evaluation.Evaluator(self.config, dataset)
 
 
 def _score(m: _Model, sample_fn, seed: int, n: int, batch: int) -> dict:
-  rng = jax.random.PRNGKey(seed)
-  labels = train_lib.draw_labels(jax.random.fold_in(rng, 1), m.config, n)
-  images = [np.asarray(sample_fn(m.params, jax.random.fold_in(rng, 2 + i), labels[s:s + batch]))
-            for i, s in enumerate(range(0, n, batch))]
-  res = m.evaluator(np.concatenate(images),
-                    np.asarray(labels) if m.config.model.num_classes > 0 else None)
+  res, _ = evaluation.evaluate(m.config, m.evaluator, sample_fn, m.params, seed=seed,
+                               num_samples=n, batch_size=batch)
   return {k: float(v) for k, v in res.items() if isinstance(v, (int, float))}
 
 
@@ -103,7 +98,7 @@ def run(workdir: str, *, workdir_guided: str | None = None, config: str | None =
              (0.0,))]
   if workdir_guided:
     cfg = load_workdir_config(workdir_guided, config_guided)
-    if cfg.diffusion.get("cond_dropout", 0.0) <= 0:
+    if cfg.diffusion.cond_dropout <= 0:
       raise ValueError(f"--workdir-guided={workdir_guided!r} was trained without label "
                        "dropout (config.diffusion.cond_dropout = 0): it has no unconditional "
                        "model to guide with")
@@ -114,7 +109,7 @@ def run(workdir: str, *, workdir_guided: str | None = None, config: str | None =
   bar = tqdm(total=len(jobs) * len(seeds), desc="sampler quality", disable=not progress,
              dynamic_ncols=True)
   for m, w, s, n in jobs:
-    sample_fn = train_lib.make_sample_fn(m.model, m.config, num_steps=n, sampler=s,
+    sample_fn = sampling.make_sample_fn(m.model, m.config, num_steps=n, sampler=s,
                                          guidance=w)
     for seed in seeds:
       t0 = time.perf_counter()
@@ -233,7 +228,7 @@ def main(argv=None) -> dict:
   ap.add_argument("--out", default=None)
   ap.add_argument("--no-progress", action="store_true")
   a = ap.parse_args(argv)
-  cfg_dtype = load_workdir_config(a.workdir, a.config).train.get("dtype")
+  cfg_dtype = load_workdir_config(a.workdir, a.config).train.dtype
   xla_cpu.configure(cfg_dtype)
   try:
     guidance = [float(w) for w in a.guidance.split(",") if w.strip()]

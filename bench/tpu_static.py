@@ -11,7 +11,7 @@ measurement on hardware. For each TPU generation (a deviceless topology,
 `jax.experimental.topologies`), each published config (CIFAR-10, ImageNet-64 patch 4 and 8,
 bf16, batch per chip) and each implementation ("pallas_tpu", "xla"):
 
-* the whole step is compiled (train: value_and_grad of `rin.train.loss_and_metrics`;
+* the whole step is compiled (train: value_and_grad of `rin.train_step.loss_and_metrics`;
   sample: one denoising forward, `train=False`). Every scheduled XLA op carries XLA:TPU's
   `estimated_cycles` in its backend_config; their sum is the XLA part of the step.
 * every Pallas kernel of the pallas_tpu step is taken out of the step's jaxpr and compiled
@@ -89,18 +89,18 @@ def step_fn(config_name: str, impl: str, mode: str, batch: int, sds):
   """(fn, abstract args) of one step; sds(shape, dtype) makes a placed ShapeDtypeStruct."""
   import jax
   import jax.numpy as jnp
-  from rin import train as train_lib
+  from rin import train_state, train_step
   cfg = make_config(config_name)
-  model = train_lib.create_model(cfg, implementation=impl)
+  model = train_state.create_model(cfg, implementation=impl)
   m = cfg.model
   shapes = jax.eval_shape(
-      lambda r: model.init(r, *train_lib._dummy_inputs(cfg))["params"], jax.random.PRNGKey(0))
+      lambda r: model.init(r, *train_state.dummy_inputs(cfg))["params"], jax.random.PRNGKey(0))
   params = jax.tree.map(lambda a: sds(a.shape, a.dtype), shapes)
   img = sds((batch, m.image_size, m.image_size, m.channels), jnp.float32)
   labels = sds((batch,), jnp.int32)
   if mode == "train":
     def fn(p, image, label, rng):
-      return jax.value_and_grad(train_lib.loss_and_metrics)(
+      return jax.value_and_grad(train_step.loss_and_metrics)(
           p, model, cfg, {"image": image, "label": label}, rng)
     return fn, (params, img, labels, sds((2,), jnp.uint32))
   if mode == "sample":

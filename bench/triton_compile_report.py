@@ -5,7 +5,7 @@
 
 What it compiles: the launches that real steps record (`kernels.triton_gpu.launch.
 record_launches()`), traced with abstract inputs, nothing run:
-  cifar10_train    rin.train.loss_and_metrics + grad, CIFAR-10 config, B=256, fp32 params,
+  cifar10_train    rin.train_step.loss_and_metrics + grad, CIFAR-10 config, B=256, fp32 params,
                    bf16 compute (the published config with train.dtype="bfloat16")
   cifar10_sample   one sampling forward of the same model (B=256, bf16)
   imagenet64_train ImageNet-64 config with patch 4 (the paper's), B=128, bf16 compute
@@ -101,9 +101,9 @@ def _step_fn(step: Step, dtype: str) -> tuple[Callable, tuple]:
     f = lambda z, x, pp: jnp.sum(tg.read_block(z, x, pp, num_heads=o.heads).astype(jnp.float32))
     args = shapes.abstract_args(o, step.batch, jnp.dtype(dtype), jnp.float32)
     return (lambda *a: (f(*a), jax.grad(f, argnums=(0, 1, 2))(*a))), args
-  from rin import train as rt
+  from rin import train_state, train_step
   cfg = _config(step, dtype)
-  model = rt.create_model(cfg, implementation="triton")
+  model = train_state.create_model(cfg, implementation="triton")
   mc = cfg.model
   size, ch = mc.image_size, mc.channels
   b = step.batch
@@ -121,7 +121,7 @@ def _step_fn(step: Step, dtype: str) -> tuple[Callable, tuple]:
   if step.kind == "train":
     def f(params, images, labels, rng):
       batch = dict(image=images, label=labels)
-      return jax.value_and_grad(rt.loss_and_metrics)(params, model, cfg, batch, rng)
+      return jax.value_and_grad(train_step.loss_and_metrics)(params, model, cfg, batch, rng)
     return f, (params, images, labels, key)
 
   def g(params, x_t, gamma, labels):

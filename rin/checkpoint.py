@@ -23,7 +23,6 @@ import shutil
 from typing import Any
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from ml_collections import ConfigDict
@@ -50,7 +49,7 @@ def checkpoint_dir(workdir: str) -> str:
 
 
 def checkpoint_manager(workdir: str, config: ConfigDict) -> ocp.CheckpointManager:
-  opts = ocp.CheckpointManagerOptions(max_to_keep=config.train.get("keep_checkpoints", 3),
+  opts = ocp.CheckpointManagerOptions(max_to_keep=config.train.keep_checkpoints,
                                       create=True, cleanup_tmp_directories=True)
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=opts)
 
@@ -95,11 +94,11 @@ def _check_finite(state, step: int) -> None:
     raise ValueError(f"the weights of step {step} hold NaN/Inf")
 
 
-def restore_latest(mngr, abstract_state, workdir: str, *, validate_iter=None):
+def restore_latest(mngr, abstract_state, workdir: str):
   """Restores the newest readable checkpoint; (state, iter_state, step) or None if none.
 
   Unreadable steps are reported (logging.error), moved to ``checkpoints_corrupt/`` by the
-  primary process, and skipped. `validate_iter(iter_state)` may raise to reject a step.
+  primary process, and skipped.
   Raises CheckpointError when steps exist but none can be read.
   """
   steps = sorted(mngr.all_steps(), reverse=True)
@@ -112,8 +111,6 @@ def restore_latest(mngr, abstract_state, workdir: str, *, validate_iter=None):
       if int(distributed.to_host(state.step)) != step:
         raise ValueError(f"its state says step {int(distributed.to_host(state.step))}")
       _check_finite(state, step)
-      if validate_iter is not None:
-        validate_iter(iter_state)
     except Exception as e:  # noqa: BLE001 -- any read failure means: try the previous one
       msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500]
       path = os.path.join(checkpoint_dir(workdir), str(step))
@@ -173,7 +170,9 @@ _INIT_ONLY = ("model.attention_init",)
 
 
 def config_differences(saved: dict, config: ConfigDict) -> dict[str, tuple[Any, Any]]:
-  """{dotted key: (saved value, new value)} for every key that differs."""
+  """{dotted key: (saved value, new value)} for every key that differs. `saved` may come
+  from an older version that lacked some keys (or a newer one with more): a key missing on
+  one side reads "<absent>", hence the .get."""
   a, b = _flatten(saved), _flatten(json.loads(config.to_json()))
   return {k: (a.get(k, "<absent>"), b.get(k, "<absent>")) for k in sorted(set(a) | set(b))
           if a.get(k, "<absent>") != b.get(k, "<absent>")}

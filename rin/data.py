@@ -30,6 +30,10 @@ Data sets (``load_dataset``) are held in memory as one ``uint8`` array
 ``make_train_iterator`` builds the infinite, shuffled, per-host-sharded,
 randomly flipped, batched and prefetched training stream on grain, and
 returns a checkpointable iterator (``get_state`` / ``set_state``, JSON).
+
+Why one module over 400 lines: each loader is short, but all of them produce the one
+``ImageDataset`` type whose digest the iterator state records, so that a resume can refuse
+another data set; keeping them beside the pipeline keeps that contract on one page.
 """
 from __future__ import annotations
 
@@ -44,7 +48,7 @@ import pickle
 import shutil
 import tarfile
 import tempfile
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -459,7 +463,7 @@ class TrainIterator(grain.DatasetIterator):
       raise ValueError("TrainIterator.set_state: expected a dict with 'pipeline' and "
                        f"'iterator' keys (from get_state()), got {type(state).__name__}"
                        + (f" with keys {sorted(state)}" if isinstance(state, dict) else ""))
-    saved = state["pipeline"]
+    saved = state["pipeline"]   # written by this or an earlier version: keys may be absent
     diff = {k: (saved.get(k), v) for k, v in self.pipeline.items() if saved.get(k) != v}
     if diff:
       detail = "; ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in sorted(diff.items()))
@@ -479,6 +483,19 @@ def dataset_digest(dataset: ImageDataset, samples: int = 64) -> str:
   step = max(1, len(dataset) // samples)
   h.update(np.ascontiguousarray(dataset.images[::step]).tobytes())
   return h.hexdigest()[:16]
+
+
+def _read_grain_flags_at_defaults() -> None:
+  """grain's multiprocessing reads its own absl flags (--grain_*), which raises before absl
+  parsed a command line (notebooks, pytest, programs without absl.app). Marks only those
+  flags as set, as grain does in its worker processes, so their defaults are read; the
+  process's other flags stay unparsed."""
+  from absl import flags
+  if flags.FLAGS.is_parsed():
+    return
+  for name in list(flags.FLAGS):
+    if name.startswith("grain_") and not flags.FLAGS[name].present:
+      flags.FLAGS[name].present = 1
 
 
 def make_train_iterator(dataset: ImageDataset, *, batch_size: int, seed: int,
@@ -541,11 +558,7 @@ def make_train_iterator(dataset: ImageDataset, *, batch_size: int, seed: int,
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(num_threads),
                                                prefetch_buffer_size=int(prefetch_buffer_size)))
   if worker_count > 0:
-    # grain's worker processes read absl flags; outside an absl app (notebooks,
-    # pytest) they are unparsed, so accept their defaults instead of crashing.
-    from absl import flags
-    if not flags.FLAGS.is_parsed():
-      flags.FLAGS.mark_as_parsed()
+    _read_grain_flags_at_defaults()
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(worker_count)))
   pipeline = {
       "data_digest": dataset_digest(dataset), "num_examples": n, "image_shape": list(dataset.image_shape),
@@ -555,10 +568,3 @@ def make_train_iterator(dataset: ImageDataset, *, batch_size: int, seed: int,
       "worker_count": int(worker_count),
   }
   return TrainIterator(iter(it_ds), pipeline)
-
-
-def iterate_eval_batches(dataset: ImageDataset, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-  """One ordered pass (last batch may be smaller), float32 [-1, 1]; for evaluation."""
-  for i in range(0, len(dataset), batch_size):
-    yield ToModelInputs().map({"image": dataset.images[i:i + batch_size],
-                               "label": dataset.labels[i:i + batch_size]})

@@ -1,10 +1,12 @@
-"""Metric logging: JSONL (one record per line) + TensorBoard event files (tensorboardX).
+"""Metric logging: JSONL (one record per line) + TensorBoard event files (tensorboardX);
+and the command lines' log filter.
 
-Only the primary process writes; on the others every method is a no-op.
+Only the primary process writes metrics; on the others every MetricWriter method is a no-op.
 """
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from typing import Any, Mapping
@@ -82,11 +84,36 @@ class MetricWriter:
     img = np.asarray(Image.open(grid_png_path).convert("RGB"))
     self._tb.add_image(tag, img, int(step), dataformats="HWC")
 
-  def flush(self) -> None:
-    if self._tb is not None:
-      self._tb.flush()
-
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
       self._tb = None
+
+
+# The folders whose INFO records are the project's own one-line events (resumed from step N,
+# eval at step N: ..., loaded step N); everything else at INFO is a library's chatter.
+_OWN_DIRS = tuple(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), d)
+                  + os.sep for d in ("rin", "bench"))
+
+
+class _OwnInfoOnly(logging.Filter):
+  """Passes warnings and above from anyone, INFO and below only from rin/ and bench/."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or \
+        os.path.abspath(record.pathname).startswith(_OWN_DIRS)
+
+
+def quiet_library_logs() -> bool:
+  """For the command lines, after absl parsed the flags: unless --verbosity was given, drop
+  the INFO records of absl, orbax and the other libraries (orbax alone writes a hundred
+  lines per run around the progress bar); warnings, errors and rin's own events stay.
+  `--verbosity=0` brings everything at INFO back. Returns whether the filter is on."""
+  from absl import flags
+  from absl import logging as absl_logging
+  if flags.FLAGS["verbosity"].present:
+    return False
+  handler = absl_logging.get_absl_handler()
+  if not any(isinstance(f, _OwnInfoOnly) for f in handler.filters):
+    handler.addFilter(_OwnInfoOnly())
+  return True

@@ -30,14 +30,14 @@ def learning_rate_schedule(optim, total_steps: int) -> optax.Schedule:
       stays there (this project's schedule before it matched the authors').
   - end_lr_factor (default 0): the cosine's floor as a fraction of base (Keras' alpha).
   """
-  kind = optim.get("lr_schedule", "cosine@r")
+  kind = optim.lr_schedule
   if kind not in LR_SCHEDULES:
     raise ValueError(f"config.optim.lr_schedule must be one of {LR_SCHEDULES}, got {kind!r}")
   r = float(optim.decay_fraction)
   if not 0.0 < r <= 1.0:
     raise ValueError(f"config.optim.decay_fraction must lie in (0, 1], got {r}")
   base = float(optim.learning_rate)
-  alpha = float(optim.get("end_lr_factor", 0.0))
+  alpha = float(optim.end_lr_factor)
   warmup = min(int(optim.warmup_steps), max(total_steps - 1, 0))
   remaining = max(total_steps - warmup, 1)
   decay_steps = remaining / r if kind == "cosine@r" else max(1.0, round(r * remaining))

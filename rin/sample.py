@@ -12,22 +12,28 @@ crop Frechet distance and the copy-last-frame baseline (rin.video).
 With --eval, scores the samples (the digits metric on digits data; FID/IS when
 config.eval.inception_path names Inception weights), prints the numbers, writes them to
 <out>_metrics.json and appends them to <workdir>/metrics.jsonl as "sample/..." records.
+Logs as rin.train (--verbosity=0 adds the libraries' INFO logs).
+
+The sampling and evaluation themselves are library code (rin.sampling, rin.evaluation);
+this module holds the flags, the process setup and the files it writes.
 """
 from __future__ import annotations
 
 import json
 import os
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from rin import diffusion
-from rin import train as train_lib
+from rin import evaluation
+from rin import images
+from rin import logging_utils
+from rin import sampling
 from rin import video as video_lib
 from rin import xla_cpu
+from rin.train_state import create_model, load_ema_params
 
 _CONFIG = config_flags.DEFINE_config_file("config", "rin/configs/digits.py", "Config file.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/digits", "Training workdir with checkpoints.")
@@ -50,7 +56,7 @@ _GUIDANCE_INTERVAL = flags.DEFINE_list("guidance_interval", None,
 _GUIDANCE_LATENTS = flags.DEFINE_enum("guidance_latents", None, list(diffusion.GUIDANCE_LATENTS),
                                       "Latents the unconditional half reads (default shared, "
                                       "the authors').")
-_PROTOCOL = flags.DEFINE_enum("protocol", "", list(train_lib.EVAL_PROTOCOLS),
+_PROTOCOL = flags.DEFINE_enum("protocol", "", list(sampling.EVAL_PROTOCOLS),
                               "'authors': the paper's FID protocol (DDPM, cosine, 1000 steps "
                               "or --steps); overrides the sampler flags.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
@@ -61,54 +67,39 @@ _INTERPRET = flags.DEFINE_bool("interpret", False, "Run kernels in their interpr
 _EVAL = flags.DEFINE_bool("eval", False, "Score the samples (digits metric / FID / IS).")
 
 
-def load_ema_params(config, workdir: str, model):
-  """EMA weights of the latest checkpoint in workdir (clear error when there is none)."""
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(ckpt_dir):
-    raise FileNotFoundError(f"no checkpoints in --workdir={workdir!r} ({ckpt_dir} is missing)")
-  train_lib.check_config_matches(workdir, config)
-  mngr = train_lib.checkpoint_manager(workdir, config)
-  if mngr.latest_step() is None:
-    raise FileNotFoundError(f"no checkpoint found in {ckpt_dir}")
-  abstract = jax.eval_shape(lambda: train_lib.init_state(config, model, jax.random.PRNGKey(0)))
-  state, _, step = train_lib.restore_latest(mngr, abstract, workdir)
-  mngr.close()
-  logging.info("loaded step %d from %s", step, ckpt_dir)
-  return state.ema_params, step
+def _record(workdir: str, out: str, step: int, res: dict) -> None:
+  """--eval: the metrics to <out>_metrics.json, to <workdir>/metrics.jsonl as "sample/..."
+  records (numbers only), and one JSON line on stdout (per-frame lists left out)."""
+  with open(out + "_metrics.json", "w") as f:
+    json.dump(res, f, indent=2)
+  writer = logging_utils.MetricWriter(workdir)
+  writer.write(step, {k: v for k, v in res.items() if not isinstance(v, str)}, prefix="sample/")
+  writer.close()
+  print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items()
+                    if not k.endswith("per_frame")}))
 
 
-def evaluate_samples(config, images, labels=None, dataset=None) -> dict:
-  """Metrics of samples [N,H,W,C] in [-1,1] (see rin.train.Evaluator)."""
-  if not train_lib.has_eval_metric(config):
-    raise ValueError(f"--eval: no metric for data set {config.data.name!r}; set "
-                     "config.eval.inception_path to an Inception weights file for FID/IS")
-  if dataset is None and config.get("eval", {}).get("inception_path", "") and \
-      not config.eval.get("fid_reference", ""):
-    dataset = train_lib.load_and_check_data(config)
-  ev = train_lib.Evaluator(config, dataset)
-  return ev(images, labels if config.model.num_classes > 0 else None)
-
-
-def generate(config, params, model, *, num_samples: int, seed: int = 0, label=None,
-             num_steps=None, sampler=None, batch_size: int = 256, **options):
-  """Returns (images [N,H,W,C] in [-1,1], labels [N]).
-
-  options: further sampling options (rin.train.sample_options: schedule, time_delay,
-  time_grid, guidance, guidance_interval, guidance_latents)."""
-  sample_fn = train_lib.make_sample_fn(model, config, num_steps=num_steps, sampler=sampler,
-                                       **options)
-  rng = jax.random.PRNGKey(seed)
-  if label is not None:
-    if not 0 <= label < max(config.model.num_classes, 1):
-      raise ValueError(f"label={label} is outside [0, {config.model.num_classes})")
-    labels = jnp.full((num_samples,), label, jnp.int32)
-  else:
-    labels = train_lib.draw_labels(jax.random.fold_in(rng, 1), config, num_samples)
-  out = []
-  for i, s in enumerate(range(0, num_samples, batch_size)):
-    out.append(np.asarray(sample_fn(params, jax.random.fold_in(rng, 2 + i),
-                                    labels[s:s + batch_size])))
-  return np.concatenate(out), np.asarray(labels)
+def sample_video(config, params, model, *, step: int, workdir: str, out: str,
+                 num_samples: int, seed: int = 0, num_steps=None, sampler=None,
+                 batch_size: int = 256, evaluate: bool = False) -> dict | None:
+  """Video configs: predict the continuation of the first `num_samples` test clips, write
+  <out>.gif and <out>.npz (cond, predictions, truth in [-1, 1]); with `evaluate`, the
+  prediction metrics (rin.evaluation.VideoEvaluator)."""
+  sample_fn = sampling.make_sample_fn(model, config, num_steps=num_steps, sampler=sampler)
+  ev = evaluation.VideoEvaluator(config, num_samples)
+  pred = ev.predict(sample_fn, params, seed=seed, batch_size=batch_size)
+  cond, truth = video_lib.split_clip(ev.clips, config.model.cond_frames)
+  images.save_video_gif(cond, pred, truth, out + ".gif")
+  np.savez(out + ".npz", cond=cond, predictions=pred, truth=truth)
+  print(f"wrote {len(pred)} predicted clips to {out}.gif and {out}.npz")
+  if not evaluate:
+    return None
+  res = ev.score(pred)
+  res.update(num_samples=len(pred), sampler=sampler or config.diffusion.sampler,
+             sample_steps=num_steps or config.diffusion.sample_steps, checkpoint_step=step,
+             seed=seed)
+  _record(workdir, out, step, res)
+  return res
 
 
 def main(argv):
@@ -116,8 +107,9 @@ def main(argv):
   config = _CONFIG.value
   # Before the first computation starts the backend: oneDNN dots (bf16: every dot) and
   # malloc settings that keep XLA's per-step temporaries mapped (rin/xla_cpu.py).
-  xla_cpu.configure(config.train.get("dtype"))
-  model = train_lib.create_model(config, implementation=_IMPL.value, interpret=_INTERPRET.value)
+  xla_cpu.configure(config.train.dtype)
+  logging_utils.quiet_library_logs()
+  model = create_model(config, implementation=_IMPL.value, interpret=_INTERPRET.value)
   params, step = load_ema_params(config, _WORKDIR.value, model)
   out = _OUT.value or os.path.join(_WORKDIR.value, "samples", f"final_step{step}")
   if video_lib.is_video(config):     # predictions of the test clips' continuations
@@ -125,10 +117,9 @@ def main(argv):
       raise ValueError("--label: video configs condition on frames, not class labels")
     if _GUIDANCE.value:
       raise ValueError("--guidance: video configs condition on frames, not class labels")
-    video_lib.sample_and_write(config, params, model, step=step, workdir=_WORKDIR.value,
-                               out=out, num_samples=_NUM.value, seed=_SEED.value,
-                               num_steps=_STEPS.value, sampler=_SAMPLER.value,
-                               batch_size=_BATCH.value, evaluate=_EVAL.value)
+    sample_video(config, params, model, step=step, workdir=_WORKDIR.value, out=out,
+                 num_samples=_NUM.value, seed=_SEED.value, num_steps=_STEPS.value,
+                 sampler=_SAMPLER.value, batch_size=_BATCH.value, evaluate=_EVAL.value)
     return
   options = dict(sampler=_SAMPLER.value, schedule=_SCHEDULE.value, time_grid=_TIME_GRID.value,
                  time_delay=_TIME_DELAY.value, guidance=_GUIDANCE.value,
@@ -137,27 +128,20 @@ def main(argv):
     if len(_GUIDANCE_INTERVAL.value) != 2:
       raise app.UsageError(f"--guidance_interval takes t_lo,t_hi, got {_GUIDANCE_INTERVAL.value}")
     options["guidance_interval"] = tuple(float(v) for v in _GUIDANCE_INTERVAL.value)
-  options.update(train_lib.protocol_options(_PROTOCOL.value, _STEPS.value))
-  options = train_lib.sample_options(config, **options)
-  images, labels = generate(config, params, model, num_samples=_NUM.value, seed=_SEED.value,
-                            label=_LABEL.value, batch_size=_BATCH.value, **options)
-  train_lib.save_image_grid(images, out + ".png")
-  np.savez(out + ".npz", images=images, labels=labels)
-  print(f"wrote {len(images)} samples to {out}.png and {out}.npz")
+  options.update(sampling.protocol_options(_PROTOCOL.value, _STEPS.value))
+  options = sampling.sample_options(config, **options)
+  samples, labels = sampling.generate(config, params, model, num_samples=_NUM.value,
+                                      seed=_SEED.value, label=_LABEL.value,
+                                      batch_size=_BATCH.value, **options)
+  images.save_image_grid(samples, out + ".png")
+  np.savez(out + ".npz", images=samples, labels=labels)
+  print(f"wrote {len(samples)} samples to {out}.png and {out}.npz")
   if _EVAL.value:
-    res = evaluate_samples(config, images, labels)
-    res.update(num_samples=len(images), sampler=options["sampler"],
+    res = evaluation.evaluate_samples(config, samples, labels)
+    res.update(num_samples=len(samples), sampler=options["sampler"],
                sample_steps=options["num_steps"], schedule=options["schedule"],
                guidance=options["guidance"], protocol=_PROTOCOL.value, checkpoint_step=step)
-    with open(out + "_metrics.json", "w") as f:
-      json.dump(res, f, indent=2)
-    from rin import logging_utils
-    writer = logging_utils.MetricWriter(_WORKDIR.value)
-    writer.write(step, {k: v for k, v in res.items() if not isinstance(v, str)},
-                 prefix="sample/")
-    writer.close()
-    print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v)
-                      for k, v in res.items()}))
+    _record(_WORKDIR.value, out, step, res)
 
 
 if __name__ == "__main__":

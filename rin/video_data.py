@@ -194,10 +194,10 @@ def load_video_dataset(config, split: str = "train") -> VideoDataset:
   if name == "moving_digits":
     if m.channels != 1:
       raise ValueError(f"moving digits are grey: config.model.channels must be 1, got {m.channels}")
-    n = d.get("num_train_videos", 4096) if split == "train" else d.get("num_test_videos", 256)
+    # The moving-digits fields are declared by rin/configs/moving_digits.py.
+    n = d.num_train_videos if split == "train" else d.num_test_videos
     return make_moving_digits(split, num_videos=n, num_frames=m.num_frames,
-                              image_size=m.image_size, digit_size=d.get("digit_size", 8),
-                              num_digits=d.get("num_digits", 1),
-                              speed=tuple(d.get("speed", (0.5, 1.5))))
+                              image_size=m.image_size, digit_size=d.digit_size,
+                              num_digits=d.num_digits, speed=tuple(d.speed))
   return load_video_folder(d.path, num_frames=m.num_frames, image_size=m.image_size,
                            channels=m.channels, split=split)

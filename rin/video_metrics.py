@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from rin.images import grey_to_rgb
 from rin.metrics import feature_statistics, frechet_distance
 
 
@@ -217,8 +218,7 @@ class FVDEvaluator:
     if v.ndim != 5 or v.shape[1] != self.num_frames:
       raise ValueError(f"FVDEvaluator: videos must be [B, {self.num_frames}, H, W, C] (the "
                        f"network's frame count), got {v.shape}")
-    if v.shape[-1] == 1:
-      v = np.repeat(v, 3, axis=-1)
+    v = grey_to_rgb(v)
     out = []
     for s in range(0, len(v), self.batch_size):
       x = jnp.asarray(np.clip(v[s:s + self.batch_size], -1, 1))

@@ -17,14 +17,15 @@ from __future__ import annotations
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from rin import diffusion
-from rin import train as train_lib
+from rin import logging_utils
+from rin import sampling
 from rin import xla_cpu
+from rin.train_state import create_model, load_ema_params
 
 def default_at_steps(num_steps: int) -> list[int]:
   return sorted({0, num_steps // 4, num_steps // 2, num_steps - 1})
@@ -39,21 +40,16 @@ def check_at_steps(at_steps, num_steps: int) -> list[int]:
 
 def sample_with_read_attention(config, model, params, *, num_samples: int, seed: int = 0,
                                label=None, num_steps=None, sampler=None, at_steps=None):
-  """Samples as rin.sample.generate does (one batch) and the read probabilities of every
+  """Samples as rin.sampling.generate does (one batch) and the read probabilities of every
   block at the chosen steps. Returns (images [B,H,W,C], labels [B],
   {step: [num_blocks, B, heads, M, N]}).
   """
-  opts = train_lib.sample_options(config, num_steps=num_steps, sampler=sampler)
+  opts = sampling.sample_options(config, num_steps=num_steps, sampler=sampler)
   n = opts["num_steps"]
   at = check_at_steps(at_steps if at_steps is not None else default_at_steps(n), n)
   m = config.model
   rng = jax.random.PRNGKey(seed)
-  if label is not None:
-    if not 0 <= label < max(m.num_classes, 1):
-      raise ValueError(f"label={label} is outside [0, {m.num_classes})")
-    labels = jnp.full((num_samples,), label, jnp.int32)
-  else:
-    labels = train_lib.draw_labels(jax.random.fold_in(rng, 1), config, num_samples)
+  labels = sampling.labels_for(jax.random.fold_in(rng, 1), config, num_samples, label)
   captured: dict[int, np.ndarray] = {}
   calls = [0]
   wanted = set(at)
@@ -141,24 +137,6 @@ def write_pngs(images, labels, captured, out: str, *, patch_size: int, heads: st
   return paths
 
 
-def load_ema_params(config, workdir: str, model):
-  """EMA weights of the newest checkpoint (rin.sample.load_ema_params; importing rin.sample
-  would define its absl flags a second time)."""
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(ckpt_dir):
-    raise FileNotFoundError(f"no checkpoints in --workdir={workdir!r} ({ckpt_dir} is missing)")
-  train_lib.check_config_matches(workdir, config, write=False)
-  mngr = train_lib.checkpoint_manager(workdir, config)
-  try:
-    if mngr.latest_step() is None:
-      raise FileNotFoundError(f"no checkpoint found in {ckpt_dir}")
-    abstract = jax.eval_shape(lambda: train_lib.init_state(config, model, jax.random.PRNGKey(0)))
-    state, _, step = train_lib.restore_latest(mngr, abstract, workdir)
-  finally:
-    mngr.close()
-  return state.ema_params, step
-
-
 def _define_flags():
   """Defined when run as a program only, so importing rin.visualize next to rin.sample
   (whose flags share these names) defines no flag twice."""
@@ -179,9 +157,10 @@ def _define_flags():
 def main(argv):
   del argv
   config = _CONFIG.value
-  xla_cpu.configure(config.train.get("dtype"))
-  model = train_lib.create_model(config)
-  params, step = load_ema_params(config, _WORKDIR.value, model)
+  xla_cpu.configure(config.train.dtype)
+  logging_utils.quiet_library_logs()
+  model = create_model(config)
+  params, step = load_ema_params(config, _WORKDIR.value, model, write_config=False)
   images, labels, captured = sample_with_read_attention(
       config, model, params, num_samples=_NUM.value, seed=_SEED.value, label=_LABEL.value,
       num_steps=_STEPS.value, sampler=_SAMPLER.value, at_steps=_AT.value)

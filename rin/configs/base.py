@@ -39,24 +39,43 @@ def get_config() -> ml_collections.ConfigDict:
       sample_steps_during_training=100,
       implementation="",      # "" = the platform default (kernels.api)
       dtype="float32",        # compute dtype; parameters and optimiser state stay float32
-      # PRNG of the dropout / drop-path masks (rin.train.dropout_key): "rbg" is cheaper on
+      # PRNG of the dropout / drop-path masks (rin.train_step.dropout_key): "rbg" is cheaper on
       # CPU than "threefry" (same distribution, another random stream).
       dropout_rng="rbg",
-      # Independent batch chunks per step (rin.train.batch_chunks): 0 = auto (2 on a single
+      # Independent batch chunks per step (rin.train_step.batch_chunks): 0 = auto (2 on a single
       # CPU device, which fills both cores of a small CPU; 1 on accelerators).
       batch_chunks=0,
-      # Scaling / fault tolerance (rin.train docstring): FSDP-shard weights and optimiser
-      # state over devices; on a NaN/Inf loss "stop" (with the step) or "skip" the update.
-      fsdp=False, nonfinite="stop", max_consecutive_skips=100, keep_checkpoints=3,
-      eval_every=10_000, tensorboard=True)
-  c.data = dict(name="cifar10", path="", random_flip=True)
-  # Evaluation on EMA samples every train.eval_every steps (0: never): the digits metric for
-  # the digits data; FID/IS when inception_path names an Inception weights .npz
+      # Scaling / fault tolerance (rin.loop docstring): FSDP-shard weights and optimiser
+      # state over devices (arrays under fsdp_min_size elements stay replicated); on a
+      # NaN/Inf loss "stop" (with the step) or "skip" the update.
+      fsdp=False, fsdp_min_size=0, nonfinite="stop", max_consecutive_skips=100,
+      keep_checkpoints=3, eval_every=10_000, tensorboard=True)
+  # worker_count: grain worker processes for the input pipeline (0: in this process).
+  c.data = dict(name="cifar10", path="", random_flip=True, worker_count=0)
+  # Evaluation on EMA samples every train.eval_every steps (0: never), with the metrics of
+  # rin.evaluation.METRICS the config selects: the digits metric for the digits data (unless
+  # digits=False); FID/IS when inception_path names an Inception weights .npz
   # (rin.metrics.InceptionV3), against fid_reference (.npz with mu, sigma) or the training
   # images. sampler/sample_steps: the authors evaluate with 1000-step DDPM; "" = the
   # diffusion sampler.
   # protocol "authors" (with protocol_steps 1000 or 400): the paper's FID protocol (DDPM, cosine).
+  # Video configs: fvd_network_path names a serialised FVD feature network (rin.video_metrics).
   c.eval = dict(num_samples=10_000, sampler="", sample_steps=100, batch_size=256,
-                at_start=True, inception_path="", fid_reference="",
-                fid_reference_images=10_000, protocol="", protocol_steps=1000)
+                at_start=True, digits=True, inception_path="", fid_reference="",
+                fid_reference_images=10_000, protocol="", protocol_steps=1000,
+                fvd_network_path="")
   return c
+
+
+def _merged(defaults: dict, saved: dict) -> dict:
+  out = dict(defaults)
+  for k, v in saved.items():
+    out[k] = _merged(defaults[k], v) if isinstance(v, dict) and isinstance(
+        defaults.get(k), dict) else v
+  return out
+
+
+def complete(saved: dict) -> ml_collections.ConfigDict:
+  """A config saved by an earlier version (a workdir's config.json) with the fields it
+  predates at this file's defaults, so code can read every field as an attribute."""
+  return ml_collections.ConfigDict(_merged(get_config().to_dict(), saved))

@@ -45,12 +45,12 @@ def test_bad_arguments():
 
 @pytest.mark.slow
 def test_end_to_end_on_a_tiny_checkpoint(tmp_path):
-  from rin import train as train_lib
+  from rin import loop
   from tests.rin.tiny import tiny_config
   cfg = tiny_config(num_steps=2, checkpoint_every=2, tensorboard=False)
-  train_lib.train(cfg, str(tmp_path / "plain"), progress=False)
+  loop.train(cfg, str(tmp_path / "plain"), progress=False)
   cfg.diffusion.cond_dropout = 0.1
-  train_lib.train(cfg, str(tmp_path / "cfg"), progress=False)
+  loop.train(cfg, str(tmp_path / "cfg"), progress=False)
   rec = sq.run(str(tmp_path / "plain"), workdir_guided=str(tmp_path / "cfg"),
                samplers=["ddim", "dpmpp_2m"], steps=[2], seeds=[0], guidance=[1.0],
                num_samples=8, batch_size=8, out=str(tmp_path / "out"), progress=False)

@@ -25,7 +25,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from rin import data as data_lib  # noqa: E402
-from rin import train as train_lib  # noqa: E402
+from rin import train_state, train_step  # noqa: E402
 from tests.rin.tiny import tiny_config  # noqa: E402
 
 
@@ -52,13 +52,13 @@ def main():
   labels = ds.labels[:b]
   per = b // jax.process_count()
   rows = slice(pid * per, (pid + 1) * per)
-  model = train_lib.create_model(cfg)
+  model = train_state.create_model(cfg)
   result = {"process_index": jax.process_index(), "process_count": jax.process_count(),
             "device_count": jax.device_count()}
 
   # Unsharded reference on this process's own device.
-  state = train_lib.init_state(cfg, model, jax.random.PRNGKey(0))
-  step = jax.jit(train_lib.make_train_step(model, cfg))
+  state = train_state.init_state(cfg, model, jax.random.PRNGKey(0))
+  step = jax.jit(train_step.make_train_step(model, cfg))
   batch = {"image": jnp.asarray(images), "label": jnp.asarray(labels)}
   ref = []
   for _ in range(2):
@@ -72,11 +72,11 @@ def main():
   mesh = distributed.make_mesh()
   for fsdp in [m == "fsdp" for m in MODES]:
     cfg.train.fsdp = fsdp
-    abstract, sh = train_lib.abstract_train_state(cfg, model, mesh)
-    state = jax.jit(lambda k: train_lib.init_state(cfg, model, k), out_shardings=sh)(
+    abstract, sh = train_state.abstract_train_state(cfg, model, mesh)
+    state = jax.jit(lambda k: train_state.init_state(cfg, model, k), out_shardings=sh)(
         jax.random.PRNGKey(0))
     bsh = distributed.batch_sharding(mesh)
-    step = jax.jit(train_lib.make_train_step(model, cfg, mesh=mesh),
+    step = jax.jit(train_step.make_train_step(model, cfg, mesh=mesh),
                    in_shardings=(sh, {"image": bsh, "label": bsh}),
                    out_shardings=(sh, distributed.replicated(mesh)))
     gb = distributed.global_batch({"image": images[rows], "label": labels[rows]}, mesh)

@@ -24,7 +24,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 import rin
 from rin import diffusion, layers, optim
-from rin import train as rtrain
+from rin import train_state, train_step
 from rin.configs import base
 from rin.model import timestep_embedding
 
@@ -98,10 +98,10 @@ def _small_train_config():
 
 
 def test_training_loss_and_every_gradient_match_the_authors(golden, monkeypatch):
-  """rin.train.loss_and_metrics (two passes, per-example self-conditioning mask, eps loss)
+  """rin.train_step.loss_and_metrics (two passes, per-example self-conditioning mask, eps loss)
   with its t / noise / keep draws replaced by the ones the authors' noise_denoise was given."""
   cfg = _small_train_config()
-  model = rtrain.create_model(cfg)
+  model = train_state.create_model(cfg)
   b, shape = golden["loss/t"].shape[0], golden["loss/eps"].shape
   real = {n: getattr(jax.random, n) for n in ("uniform", "normal", "bernoulli")}
   used = []
@@ -129,7 +129,7 @@ def test_training_loss_and_every_gradient_match_the_authors(golden, monkeypatch)
   monkeypatch.setattr(jax.random, "normal", normal)
   monkeypatch.setattr(jax.random, "bernoulli", bernoulli)
   batch = {"image": jnp.asarray(golden["loss/x0"]), "label": jnp.asarray(golden["loss/labels"])}
-  loss, grads = jax.value_and_grad(rtrain.loss_and_metrics)(
+  loss, grads = jax.value_and_grad(train_step.loss_and_metrics)(
       _params(golden), model, cfg, batch, jax.random.PRNGKey(0))
   assert sorted(used) == ["eps", "keep", "t"]
   # A scalar: relative error only. Measured 8.5e-8; 16 eps32 leaves room for summation order.

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from rin import distributed
-from rin import train as train_lib
+from rin import train_state, train_step
 from tests.rin import subproc
 from tests.rin.tiny import tiny_config
 
@@ -138,11 +138,11 @@ def _dot_operand_dtypes(jaxpr):
 def test_bfloat16_computes_in_bf16_with_fp32_params_and_loss():
   cfg = tiny_config()
   cfg.train.dtype = "bfloat16"
-  model = train_lib.create_model(cfg)
-  state = train_lib.init_state(cfg, model, jax.random.PRNGKey(0))
+  model = train_state.create_model(cfg)
+  state = train_state.init_state(cfg, model, jax.random.PRNGKey(0))
   batch = {"image": jax.random.uniform(jax.random.PRNGKey(1), (16, 8, 8, 1), minval=-1),
            "label": jnp.arange(16, dtype=jnp.int32) % 10}
-  step = train_lib.make_train_step(model, cfg)
+  step = train_step.make_train_step(model, cfg)
   closed = jax.make_jaxpr(step)(state, batch)
   # "Computes in bf16" = the matmul operands are bf16 (accumulation may be fp32, as on MXUs).
   operand_dtypes = _dot_operand_dtypes(closed.jaxpr)
@@ -156,9 +156,9 @@ def test_bfloat16_computes_in_bf16_with_fp32_params_and_loss():
         assert x.dtype == jnp.float32
   # Close to the float32 loss on the same batch and randomness.
   cfg32 = tiny_config()
-  m32 = train_lib.create_model(cfg32)
-  loss32 = train_lib.loss_and_metrics(state.params, m32, cfg32, batch, jax.random.PRNGKey(5))
-  loss16 = train_lib.loss_and_metrics(state.params, model, cfg, batch, jax.random.PRNGKey(5))
+  m32 = train_state.create_model(cfg32)
+  loss32 = train_step.loss_and_metrics(state.params, m32, cfg32, batch, jax.random.PRNGKey(5))
+  loss16 = train_step.loss_and_metrics(state.params, model, cfg, batch, jax.random.PRNGKey(5))
   assert loss16.dtype == jnp.float32
   assert float(loss16) == pytest.approx(float(loss32), rel=5e-2)
   assert float(loss16) != float(loss32)

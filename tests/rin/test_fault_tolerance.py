@@ -13,7 +13,7 @@ from PIL import Image
 
 from rin import checkpoint as ckpt_lib
 from rin import data as data_lib
-from rin import train as train_lib
+from rin import loop, train_state, train_step
 from tests.rin import subproc
 from tests.rin.tiny import tiny_config
 
@@ -101,7 +101,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, cache_dir):
 def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, caplog):
   cfg = _small(num_steps=6, checkpoint_every=2)
   work = str(tmp_path / "w")
-  train_lib.train(cfg, work, progress=False, stop_at_step=4)
+  loop.train(cfg, work, progress=False, stop_at_step=4)
   full = _losses(work)
   ckdir = tmp_path / "w" / "checkpoints"
   assert sorted(os.listdir(ckdir)) == ["2", "4"]
@@ -111,7 +111,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, caplog):
       with open(os.path.join(root, f), "r+b") as fh:
         fh.truncate(max(0, os.path.getsize(os.path.join(root, f)) // 3))
   caplog.set_level(logging.INFO)
-  state = train_lib.train(cfg, work, progress=False)
+  state = loop.train(cfg, work, progress=False)
   msgs = caplog.text
   assert "checkpoint at step 4" in msgs and "corrupt or incomplete" in msgs
   assert "resumed from step 2" in msgs
@@ -125,11 +125,11 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, caplog):
 def test_no_readable_checkpoint_is_a_clear_error(tmp_path):
   cfg = _small(num_steps=2, checkpoint_every=2)
   work = tmp_path / "w"
-  train_lib.train(cfg, str(work), progress=False)
+  loop.train(cfg, str(work), progress=False)
   import shutil
   shutil.rmtree(work / "checkpoints" / "2" / "state")
-  with pytest.raises(train_lib.CheckpointError, match="no readable checkpoint.*step 2"):
-    train_lib.train(cfg, str(work), progress=False)
+  with pytest.raises(ckpt_lib.CheckpointError, match="no readable checkpoint.*step 2"):
+    loop.train(cfg, str(work), progress=False)
 
 
 def test_partial_save_directory_is_ignored(tmp_path):
@@ -168,7 +168,7 @@ class _NaNAt:
 
 def _inject_nan(monkeypatch, k):
   orig = data_lib.make_train_iterator
-  monkeypatch.setattr(train_lib.data_lib, "make_train_iterator",
+  monkeypatch.setattr(loop.data_lib, "make_train_iterator",
                       lambda *a, **kw: _NaNAt(orig(*a, **kw), k))
 
 
@@ -176,7 +176,7 @@ def test_nonfinite_loss_stops_with_the_step_number(tmp_path, monkeypatch):
   _inject_nan(monkeypatch, 3)
   cfg = _small(num_steps=6, nonfinite="stop")
   with pytest.raises(FloatingPointError, match="non-finite loss nan .* at step 3"):
-    train_lib.train(cfg, str(tmp_path), progress=False)
+    loop.train(cfg, str(tmp_path), progress=False)
   ev = [r for r in _records(tmp_path) if r.get("event")]
   assert ev == [{"step": 3, "event": "nonfinite_stop", "loss": "nan",
                  "grad_norm": "nan"}]
@@ -186,7 +186,7 @@ def test_nonfinite_loss_can_skip_the_step(tmp_path, monkeypatch, caplog):
   _inject_nan(monkeypatch, 3)
   cfg = _small(num_steps=6, nonfinite="skip")
   caplog.set_level(logging.WARNING)
-  state = train_lib.train(cfg, str(tmp_path), progress=False)
+  state = loop.train(cfg, str(tmp_path), progress=False)
   assert int(state.step) == 6
   for x in jax.tree.leaves(state.params):
     assert np.all(np.isfinite(np.asarray(x)))
@@ -198,11 +198,11 @@ def test_nonfinite_loss_can_skip_the_step(tmp_path, monkeypatch, caplog):
 
 def test_skip_step_keeps_weights_and_optimizer_state():
   cfg = _small(nonfinite="skip")
-  model = train_lib.create_model(cfg)
-  state = train_lib.init_state(cfg, model, jax.random.PRNGKey(0))
+  model = train_state.create_model(cfg)
+  state = train_state.init_state(cfg, model, jax.random.PRNGKey(0))
   img = np.zeros((16, 8, 8, 1), np.float32)
   img[0, 0, 0, 0] = np.inf
-  new, m = jax.jit(train_lib.make_train_step(model, cfg))(
+  new, m = jax.jit(train_step.make_train_step(model, cfg))(
       state, {"image": img, "label": np.zeros((16,), np.int32)})
   assert not bool(m["finite"]) and int(new.step) == 1
   for a, b in zip(jax.tree.leaves((state.params, state.opt_state, state.ema_params)),
@@ -232,7 +232,7 @@ def test_unreadable_image_file(tmp_path):
   _write_pngs(tmp_path / "data")
   (tmp_path / "data" / "broken.png").write_bytes(b"\x89PNG not really")
   with pytest.raises(ValueError, match=r"could not read image file .*broken\.png"):
-    train_lib.train(_folder_cfg(tmp_path / "data"), str(tmp_path / "w"), progress=False)
+    loop.train(_folder_cfg(tmp_path / "data"), str(tmp_path / "w"), progress=False)
   assert not (tmp_path / "w").exists()
 
 
@@ -240,7 +240,7 @@ def test_folder_without_images(tmp_path):
   (tmp_path / "data" / "sub").mkdir(parents=True)
   (tmp_path / "data" / "notes.txt").write_text("no images here")
   with pytest.raises(ValueError, match="no image files"):
-    train_lib.train(_folder_cfg(tmp_path / "data"), str(tmp_path / "w"), progress=False)
+    loop.train(_folder_cfg(tmp_path / "data"), str(tmp_path / "w"), progress=False)
   assert not (tmp_path / "w").exists()
 
 
@@ -249,14 +249,14 @@ def test_config_that_does_not_fit_the_data(tmp_path):
   cfg = _folder_cfg(tmp_path / "data")
   cfg.model.channels = 1                        # the folder's images are RGB
   with pytest.raises(ValueError, match="has 3 channels but config.model.channels=1"):
-    train_lib.train(cfg, str(tmp_path / "w"), progress=False)
+    loop.train(cfg, str(tmp_path / "w"), progress=False)
   cfg = _folder_cfg(tmp_path / "data", image_size=10, patch_size=4)
   with pytest.raises(ValueError, match="image_size=10 is not divisible by .*patch_size=4"):
-    train_lib.train(cfg, str(tmp_path / "w"), progress=False)
+    loop.train(cfg, str(tmp_path / "w"), progress=False)
   cfg = _folder_cfg(tmp_path / "data")
   cfg.train.batch_size = 64
   with pytest.raises(ValueError, match="batch_size=64 exceeds the 4 training images"):
-    train_lib.train(cfg, str(tmp_path / "w"), progress=False)
+    loop.train(cfg, str(tmp_path / "w"), progress=False)
   assert not (tmp_path / "w").exists()
 
 

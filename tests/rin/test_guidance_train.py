@@ -1,21 +1,21 @@
 """Classifier-free guidance in training (config.diffusion.cond_dropout) and in the sampling
-API of rin.train / rin.sample."""
+API of rin.sampling."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from rin import diffusion
-from rin import sample as sample_lib
-from rin import train as train_lib
+from rin import sampling, train_state, train_step
+from rin.configs import base
 from tests.rin.tiny import tiny_config
 
 
 def _original_loss(params, model, config, batch, rng):
-  """The loss as rin.train.loss_and_metrics computed it before cond_dropout existed."""
+  """The loss as rin.train_step.loss_and_metrics computed it before cond_dropout existed."""
   d = config.diffusion
-  apply = train_lib.make_apply(model, None, dropout_rng=train_lib.dropout_rng_impl(config),
-                               chunks=train_lib.batch_chunks(config, None))
+  apply = train_step.make_apply(model, None, dropout_rng=train_step.dropout_rng_impl(config),
+                               chunks=train_step.batch_chunks(config, None))
   x0, labels = batch["image"], batch["label"]
   b = x0.shape[0]
   r_t, r_eps, r_keep, r_drop1, r_drop2 = jax.random.split(rng, 5)
@@ -34,8 +34,8 @@ def _original_loss(params, model, config, batch, rng):
 def setup():
   cfg = tiny_config()
   cfg.model.update(dropout=0.2)        # dropout on: the dropout keys must not move either
-  model = train_lib.create_model(cfg)
-  params = train_lib.init_state(cfg, model, jax.random.PRNGKey(0)).params
+  model = train_state.create_model(cfg)
+  params = train_state.init_state(cfg, model, jax.random.PRNGKey(0)).params
   # A class token that matters: the class_dense kernel starts random already (xavier).
   batch = {"image": jax.random.uniform(jax.random.PRNGKey(1), (16, 8, 8, 1), minval=-1),
            "label": jnp.arange(16, dtype=jnp.int32) % 10}
@@ -49,21 +49,20 @@ def _loss_and_grad(fn, params, batch):
 def test_cond_dropout_zero_leaves_the_loss_bit_identical(setup):
   cfg, model, params, batch = setup
   want = _loss_and_grad(lambda p, b, r: _original_loss(p, model, cfg, b, r), params, batch)
-  if "cond_dropout" in cfg.diffusion:       # as a config that predates the option, then 0
-    del cfg.diffusion["cond_dropout"]
-  for value in (None, 0.0):
-    if value is not None:
-      cfg.diffusion.cond_dropout = value
-    got = _loss_and_grad(lambda p, b, r: train_lib.loss_and_metrics(p, model, cfg, b, r),
+  # A config saved before the option existed (completed with base's 0), then an explicit 0.
+  saved = cfg.to_dict()
+  del saved["diffusion"]["cond_dropout"]
+  cfg.diffusion.cond_dropout = 0.0
+  for c in (base.complete(saved), cfg):
+    got = _loss_and_grad(lambda p, b, r: train_step.loss_and_metrics(p, model, c, b, r),
                          params, batch)
     assert float(got[0]) == float(want[0])
     jax.tree.map(np.testing.assert_array_equal, got[1], want[1])
-  cfg.diffusion.cond_dropout = 0.0
 
 
 def test_cond_dropout_drops_labels_per_example(setup):
   cfg, model, params, batch = setup
-  loss = lambda b: float(jax.jit(lambda p: train_lib.loss_and_metrics(
+  loss = lambda b: float(jax.jit(lambda p: train_step.loss_and_metrics(
       p, model, cfg, b, jax.random.PRNGKey(5)))(params))
   cfg.diffusion.cond_dropout = 0.0
   cond = loss(batch)
@@ -85,7 +84,7 @@ def test_bad_cond_dropout_is_a_clear_error(setup, value):
   cfg.diffusion.cond_dropout = value
   try:
     with pytest.raises(ValueError, match="cond_dropout must be a number in"):
-      train_lib.make_train_step(model, cfg)
+      train_step.make_train_step(model, cfg)
   finally:
     del cfg.diffusion["cond_dropout"]
     cfg.diffusion.cond_dropout = 0.0
@@ -96,7 +95,7 @@ def test_cond_dropout_needs_a_conditional_model():
   cfg.model.num_classes = 0
   cfg.diffusion.cond_dropout = 0.1
   with pytest.raises(ValueError, match="needs a class-conditional model"):
-    train_lib.check_cond_dropout(cfg)
+    train_step.check_cond_dropout(cfg)
 
 
 def test_null_label_is_a_zero_one_hot(setup):
@@ -117,30 +116,30 @@ def test_null_label_is_a_zero_one_hot(setup):
 def test_sample_fn_guidance_and_options(setup):
   cfg, model, params, _ = setup
   kw = dict(num_samples=3, num_steps=3, seed=1, sampler="dpmpp_2m")
-  plain, _ = sample_lib.generate(cfg, params, model, **kw)
-  zero, _ = sample_lib.generate(cfg, params, model, guidance=0.0, **kw)
+  plain, _ = sampling.generate(cfg, params, model, **kw)
+  zero, _ = sampling.generate(cfg, params, model, guidance=0.0, **kw)
   np.testing.assert_array_equal(zero, plain)
-  guided, _ = sample_lib.generate(cfg, params, model, guidance=2.0, time_grid="logsnr",
+  guided, _ = sampling.generate(cfg, params, model, guidance=2.0, time_grid="logsnr",
                                   guidance_interval=(0.2, 0.9), **kw)
   assert guided.shape == plain.shape and np.all(np.abs(guided) <= 1)
   assert not np.allclose(guided, plain)
   with pytest.raises(TypeError, match="unknown sampling option"):
-    train_lib.make_sample_fn(model, cfg, guidence=1.0)
+    sampling.make_sample_fn(model, cfg, guidence=1.0)
   uncond = tiny_config()
   uncond.model.num_classes = 0
   with pytest.raises(ValueError, match="guidance=1.0 needs a class-conditional model"):
-    train_lib.sample_options(uncond, guidance=1.0)
+    sampling.sample_options(uncond, guidance=1.0)
 
 
 def test_authors_protocol():
-  opts = train_lib.protocol_options("authors")
+  opts = sampling.protocol_options("authors")
   assert (opts["sampler"], opts["schedule"], opts["num_steps"], opts["guidance"]) == \
       ("ddpm", "cosine", 1000, 0.0)
-  assert train_lib.protocol_options("authors", 400)["num_steps"] == 400
-  assert train_lib.protocol_options("", 20) == {"num_steps": 20}
+  assert sampling.protocol_options("authors", 400)["num_steps"] == 400
+  assert sampling.protocol_options("", 20) == {"num_steps": 20}
   cfg = tiny_config()
   cfg.eval.protocol = "authors"
   cfg.eval.protocol_steps = 400
-  assert train_lib.eval_sample_options(cfg, 20)["num_steps"] == 400
+  assert sampling.eval_sample_options(cfg, 20)["num_steps"] == 400
   with pytest.raises(ValueError, match="unknown evaluation protocol"):
-    train_lib.protocol_options("paper")
+    sampling.protocol_options("paper")

@@ -6,8 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rin import sample as sample_lib
-from rin import train as train_lib
+from rin import loop, sampling, train_state, train_step
 from rin.optim import decay_mask, learning_rate_schedule
 from tests.rin.tiny import tiny_config
 
@@ -19,7 +18,7 @@ def _losses(workdir):
 
 def test_short_training_run_loss_falls(tmp_path):
   cfg = tiny_config(num_steps=60)
-  train_lib.train(cfg, str(tmp_path), progress=False)
+  loop.train(cfg, str(tmp_path), progress=False)
   losses = _losses(tmp_path)
   first = np.mean([losses[s] for s in range(1, 11)])
   last = np.mean([losses[s] for s in range(51, 61)])
@@ -30,10 +29,10 @@ def test_short_training_run_loss_falls(tmp_path):
 
 def test_resume_gives_the_same_steps_as_an_uninterrupted_run(tmp_path):
   cfg = tiny_config(num_steps=8, checkpoint_every=4)
-  full = train_lib.train(cfg, str(tmp_path / "full"), progress=False)
-  train_lib.train(cfg, str(tmp_path / "split"), progress=False, stop_after=4)   # "killed"
+  full = loop.train(cfg, str(tmp_path / "full"), progress=False)
+  loop.train(cfg, str(tmp_path / "split"), progress=False, stop_after=4)   # "killed"
   assert max(_losses(tmp_path / "split")) == 4
-  resumed = train_lib.train(cfg, str(tmp_path / "split"), progress=False)
+  resumed = loop.train(cfg, str(tmp_path / "split"), progress=False)
   a, b = _losses(tmp_path / "full"), _losses(tmp_path / "split")
   for step in range(5, 9):
     assert a[step] == b[step], (step, a[step], b[step])
@@ -43,13 +42,13 @@ def test_resume_gives_the_same_steps_as_an_uninterrupted_run(tmp_path):
 
 def test_sampler_is_deterministic_under_a_fixed_seed():
   cfg = tiny_config()
-  model = train_lib.create_model(cfg)
-  state = train_lib.init_state(cfg, model, jax.random.PRNGKey(0))
+  model = train_state.create_model(cfg)
+  state = train_state.init_state(cfg, model, jax.random.PRNGKey(0))
   kw = dict(num_samples=3, num_steps=3)
   for sampler in ("ddim", "ddpm"):
-    a, la = sample_lib.generate(cfg, state.ema_params, model, seed=7, sampler=sampler, **kw)
-    b, lb = sample_lib.generate(cfg, state.ema_params, model, seed=7, sampler=sampler, **kw)
-    c, _ = sample_lib.generate(cfg, state.ema_params, model, seed=8, sampler=sampler, **kw)
+    a, la = sampling.generate(cfg, state.ema_params, model, seed=7, sampler=sampler, **kw)
+    b, lb = sampling.generate(cfg, state.ema_params, model, seed=7, sampler=sampler, **kw)
+    c, _ = sampling.generate(cfg, state.ema_params, model, seed=8, sampler=sampler, **kw)
     np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(la, lb)
     assert not np.allclose(a, c)
@@ -58,8 +57,8 @@ def test_sampler_is_deterministic_under_a_fixed_seed():
 
 def test_optimizer_excludes_biases_and_layernorm_from_decay():
   cfg = tiny_config()
-  model = train_lib.create_model(cfg)
-  state = train_lib.init_state(cfg, model, jax.random.PRNGKey(0))
+  model = train_state.create_model(cfg)
+  state = train_state.init_state(cfg, model, jax.random.PRNGKey(0))
   mask = decay_mask(state.params)
   assert mask["block_0"]["read"]["wq"] and not mask["block_0"]["read"]["bq"]
   assert not mask["block_0"]["read"]["ln_scale"]
@@ -101,8 +100,8 @@ def test_self_conditioning_is_per_example():
   """With rate 0.5 the loss differs from both rate 0 and rate 1 (a per-batch coin
   would make it equal to one of them)."""
   cfg = tiny_config()
-  model = train_lib.create_model(cfg)
-  state = train_lib.init_state(cfg, model, jax.random.PRNGKey(0))
+  model = train_state.create_model(cfg)
+  state = train_state.init_state(cfg, model, jax.random.PRNGKey(0))
   # Make LN0 non-zero so self-conditioning has an effect.
   params = jax.tree.map(lambda a: a, state.params)
   params["self_cond_ln0"] = {"scale": jnp.ones_like(params["self_cond_ln0"]["scale"]),
@@ -112,7 +111,7 @@ def test_self_conditioning_is_per_example():
   out = {}
   for rate in (0.0, 0.5, 1.0):
     cfg.diffusion.self_cond_rate = rate
-    out[rate] = float(train_lib.loss_and_metrics(params, model, cfg, batch, jax.random.PRNGKey(3)))
+    out[rate] = float(train_step.loss_and_metrics(params, model, cfg, batch, jax.random.PRNGKey(3)))
   assert out[0.5] != pytest.approx(out[0.0], rel=1e-5)
   assert out[0.5] != pytest.approx(out[1.0], rel=1e-5)
 
@@ -123,22 +122,22 @@ def test_dropout_rng_impls_are_deterministic_and_really_used():
   impls give different masks, and an unknown name is a clear error."""
   cfg = tiny_config()
   cfg.model.update(dropout=0.3, drop_path=0.2)
-  model = train_lib.create_model(cfg)
-  params = train_lib.init_state(cfg, model, jax.random.PRNGKey(0)).params
+  model = train_state.create_model(cfg)
+  params = train_state.init_state(cfg, model, jax.random.PRNGKey(0)).params
   batch = {"image": jax.random.uniform(jax.random.PRNGKey(1), (16, 8, 8, 1), minval=-1),
            "label": jnp.zeros((16,), jnp.int32)}
   loss = {}
-  for impl in train_lib.DROPOUT_RNG_IMPLS:
+  for impl in train_step.DROPOUT_RNG_IMPLS:
     cfg.train.dropout_rng = impl
-    f = jax.jit(lambda p, b: train_lib.loss_and_metrics(p, model, cfg, b, jax.random.PRNGKey(5)))
+    f = jax.jit(lambda p, b: train_step.loss_and_metrics(p, model, cfg, b, jax.random.PRNGKey(5)))
     loss[impl] = float(f(params, batch))
     assert float(f(params, batch)) == loss[impl], impl
   assert len(set(loss.values())) == len(loss), loss
-  key = train_lib.dropout_key(jax.random.PRNGKey(5), "rbg")
+  key = train_step.dropout_key(jax.random.PRNGKey(5), "rbg")
   assert str(jax.random.key_impl(key)) == "rbg"
   cfg.train.dropout_rng = "philox"
   with pytest.raises(ValueError, match="dropout_rng must be one of"):
-    train_lib.make_train_step(model, cfg)
+    train_step.make_train_step(model, cfg)
 
 
 def test_batch_chunks_give_the_whole_batch_loss_and_gradients():
@@ -147,36 +146,36 @@ def test_batch_chunks_give_the_whole_batch_loss_and_gradients():
   resolves to 2 on one CPU device; bad values are clear errors."""
   cfg = tiny_config()
   cfg.model.update(dropout=0.0, drop_path=0.0)
-  model = train_lib.create_model(cfg)
-  params = train_lib.init_state(cfg, model, jax.random.PRNGKey(0)).params
+  model = train_state.create_model(cfg)
+  params = train_state.init_state(cfg, model, jax.random.PRNGKey(0)).params
   batch = {"image": jax.random.uniform(jax.random.PRNGKey(1), (7, 8, 8, 1), minval=-1),
            "label": jnp.arange(7, dtype=jnp.int32) % 3}
   out = {}
   for chunks in (1, 3):                       # 3 chunks of 7: slices of 2, 3, 2
     cfg.train.batch_chunks = chunks
     f = jax.jit(jax.value_and_grad(
-        lambda p, b: train_lib.loss_and_metrics(p, model, cfg, b, jax.random.PRNGKey(5))))
+        lambda p, b: train_step.loss_and_metrics(p, model, cfg, b, jax.random.PRNGKey(5))))
     out[chunks] = f(params, batch)
   np.testing.assert_allclose(out[3][0], out[1][0], rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-5),
                out[3][1], out[1][1])
   # With dropout the chunks really run apart: each folds its index into the dropout key.
   cfg.model.update(dropout=0.3)
-  drop_model = train_lib.create_model(cfg)
+  drop_model = train_state.create_model(cfg)
   loss = {}
   for chunks in (1, 3):
     cfg.train.batch_chunks = chunks
-    loss[chunks] = float(jax.jit(lambda p, b: train_lib.loss_and_metrics(
+    loss[chunks] = float(jax.jit(lambda p, b: train_step.loss_and_metrics(
         p, drop_model, cfg, b, jax.random.PRNGKey(5)))(params, batch))
   assert loss[3] != loss[1]
   cfg.train.batch_chunks = 0
-  assert train_lib.batch_chunks(cfg) == (2 if jax.default_backend() == "cpu" else 1)
+  assert train_step.batch_chunks(cfg) == (2 if jax.default_backend() == "cpu" else 1)
   cfg.train.batch_chunks = -1
   with pytest.raises(ValueError, match="batch_chunks must be an int >= 1"):
-    train_lib.make_train_step(model, cfg)
+    train_step.make_train_step(model, cfg)
   cfg.train.batch_chunks = 8
   with pytest.raises(ValueError, match="batch_chunks=8 exceeds the batch size 7"):
-    train_lib.loss_and_metrics(params, model, cfg, batch, jax.random.PRNGKey(5))
+    train_step.loss_and_metrics(params, model, cfg, batch, jax.random.PRNGKey(5))
 
 
 def test_missing_data_path_is_a_clear_error(tmp_path):
@@ -184,29 +183,29 @@ def test_missing_data_path_is_a_clear_error(tmp_path):
   cfg.data.update(name="cifar10", path=str(tmp_path / "nope"))
   cfg.model.update(channels=3)
   with pytest.raises(FileNotFoundError, match="nope"):
-    train_lib.train(cfg, str(tmp_path / "w"), progress=False)
+    loop.train(cfg, str(tmp_path / "w"), progress=False)
 
 
 def test_unknown_data_set_is_a_clear_error(tmp_path):
   cfg = tiny_config()
   cfg.data.name = "mnist"
   with pytest.raises(ValueError, match="mnist"):
-    train_lib.train(cfg, str(tmp_path / "w"), progress=False)
+    loop.train(cfg, str(tmp_path / "w"), progress=False)
 
 
 def test_workdir_of_another_model_is_refused(tmp_path):
   cfg = tiny_config(num_steps=1)
-  train_lib.train(cfg, str(tmp_path), progress=False)
+  loop.train(cfg, str(tmp_path), progress=False)
   cfg.model.latent_dim = 48
   with pytest.raises(ValueError, match="different model config"):
-    train_lib.train(cfg, str(tmp_path), progress=False)
+    loop.train(cfg, str(tmp_path), progress=False)
 
 
 def test_sample_without_checkpoint_is_a_clear_error(tmp_path):
   cfg = tiny_config()
-  model = train_lib.create_model(cfg)
+  model = train_state.create_model(cfg)
   with pytest.raises(FileNotFoundError, match="no checkpoints"):
-    sample_lib.load_ema_params(cfg, str(tmp_path), model)
+    train_state.load_ema_params(cfg, str(tmp_path), model)
 
 
 def test_digits_config_recipe_guards():

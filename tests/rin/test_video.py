@@ -8,7 +8,7 @@ import pytest
 
 import rin
 from rin import model as model_lib
-from rin import video, video_data, video_metrics
+from rin import images, video, video_data, video_metrics
 from tests.rin.tiny_video_config import get_config as tiny_video_config
 
 
@@ -297,15 +297,15 @@ def test_video_folder_errors(tmp_path):
 
 
 def test_train_checks_the_video_config_before_touching_the_workdir(tmp_path):
-  from rin import train
+  from rin import loop
   cfg = tiny_video_config()
   cfg.model.cond_frames = cfg.model.num_frames
   with pytest.raises(ValueError, match="cond_frames=6 must be >= 0 and fewer than"):
-    train.train(cfg, str(tmp_path / "w"), progress=False)
+    loop.train(cfg, str(tmp_path / "w"), progress=False)
   cfg = tiny_video_config()
   cfg.data.name, cfg.data.path = "video_folder", str(tmp_path / "nowhere")
   with pytest.raises(FileNotFoundError, match="does not exist"):
-    train.train(cfg, str(tmp_path / "w"), progress=False)
+    loop.train(cfg, str(tmp_path / "w"), progress=False)
   assert not os.path.exists(tmp_path / "w")
 
 
@@ -414,7 +414,7 @@ def test_gif_grid_has_one_frame_per_clip_frame(tmp_path):
   from PIL import Image
   clips = np.random.default_rng(0).uniform(-1, 1, (3, 5, 8, 8, 1))
   path = str(tmp_path / "g.gif")
-  video.save_video_gif(clips[:, :2], clips[:, 2:], clips[:, 2:], path)
+  images.save_video_gif(clips[:, :2], clips[:, 2:], clips[:, 2:], path)
   with Image.open(path) as img:
     assert img.n_frames == 5
 

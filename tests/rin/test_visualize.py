@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rin import train as train_lib
+from rin import loop, sampling, train_state
 from rin import visualize
 from tests.rin.tiny import tiny_config
 
@@ -14,8 +14,8 @@ from tests.rin.tiny import tiny_config
 @pytest.fixture(scope="module")
 def setup():
   cfg = tiny_config()
-  model = train_lib.create_model(cfg)
-  params = train_lib.init_state(cfg, model, jax.random.PRNGKey(0)).params
+  model = train_state.create_model(cfg)
+  params = train_state.init_state(cfg, model, jax.random.PRNGKey(0)).params
   return cfg, model, params
 
 
@@ -31,7 +31,7 @@ def test_maps_are_the_read_probabilities_and_sampling_is_unchanged(setup, tmp_pa
   assert not np.allclose(cap[0], cap[3])                            # maps move with t
   # Capturing changes nothing: the same samples as the plain sampling function (up to
   # float32 rounding: XLA fuses the two programs differently; seen 1.6e-6).
-  fn = train_lib.make_sample_fn(model, cfg, num_steps=4, sampler="ddim")
+  fn = sampling.make_sample_fn(model, cfg, num_steps=4, sampler="ddim")
   want = fn(params, jax.random.fold_in(jax.random.PRNGKey(3), 2), jnp.asarray(labels))
   np.testing.assert_allclose(images, want, rtol=0, atol=1e-5)
   maps = visualize.patch_maps(cap[0][1], m.image_size // m.patch_size, heads="all")
@@ -54,7 +54,7 @@ def test_cli_writes_pngs_for_a_digits_checkpoint(tmp_path):
   import subprocess
   import sys
   cfg = tiny_config(num_steps=2, checkpoint_every=2)
-  train_lib.train(cfg, str(tmp_path / "w"), progress=False)
+  loop.train(cfg, str(tmp_path / "w"), progress=False)
   cfg_file = os.path.join(os.path.dirname(__file__), "tiny_cli_config.py")
   repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   out = subprocess.run(
