@@ -137,7 +137,7 @@ def prepare_jax(config, impl: str, batch: int, *, interpret: bool = False) -> Ca
   from rin import train_state, train_step
   row = {"framework": "jax", "implementation": impl, "batch": batch,
          "unit": "videos" if _is_video(config) else "images",
-         "compute_dtype": config.train.get("dtype") or "float32",
+         "compute_dtype": config.train.dtype or "float32",
          "onednn_dots": xla_cpu.onednn_dots_requested() if jax.default_backend() == "cpu"
          else None, "freed_memory_kept": xla_cpu.freed_memory_kept()}
   model = train_state.create_model(config, implementation=impl, interpret=interpret)
@@ -450,7 +450,7 @@ def main(argv=None) -> dict:
   env = timing.environment()
   print(f"[bench.model] {env['device']} load {env['load_average_1_5_15']} -> {out_dir}",
         flush=True)
-  cdt = config.train.get("dtype") or "float32"
+  cdt = config.train.dtype or "float32"
   ceiling = timing.measure_ceilings(cdt, repeats=5 if cpu else 10)
   print(f"  ceiling {cdt}: matmul {ceiling['matmul_flops_per_s'] / 1e12:.3f} TFLOP/s", flush=True)
   rows, cands = [], []

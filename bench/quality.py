@@ -277,7 +277,6 @@ def main(argv=None):
   if rest:
     ap.error(f"unrecognised arguments: {' '.join(rest)}")
 
-  from ml_collections import config_flags  # noqa: F401  (the config loader below)
   from rin import metrics
   import importlib.util
   spec = importlib.util.spec_from_file_location("quality_config", args.config)

@@ -36,7 +36,6 @@ Results: bench/results/tpu_static/<tag>.json and <tag>.md.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import glob
 import json
 import math

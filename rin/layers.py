@@ -16,8 +16,7 @@ import jax.numpy as jnp
 
 import kernels
 from kernels.params import ReadBlockParams, WriteBlockParams
-
-LN_EPS = 1e-6
+from kernels.reference import LN_EPS   # the ops' LayerNorm epsilon, one home
 dense_init = nn.initializers.xavier_uniform()
 zeros = nn.initializers.zeros
 ones = nn.initializers.ones
