@@ -61,6 +61,8 @@ _PROTOCOL = flags.DEFINE_enum("protocol", "", list(sampling.EVAL_PROTOCOLS),
                               "or --steps); overrides the sampler flags.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _LABEL = flags.DEFINE_integer("label", None, "Class label for all samples (default: uniform).")
+_BY_CLASS = flags.DEFINE_bool("by_class", False, "Labels class by class (with --num_samples "
+                              "= classes^2 each grid row is one class).")
 _BATCH = flags.DEFINE_integer("batch_size", 256, "Images per device call.")
 _IMPL = flags.DEFINE_string("implementation", None, "Kernel implementation.")
 _INTERPRET = flags.DEFINE_bool("interpret", False, "Run kernels in their interpreter.")
@@ -132,7 +134,8 @@ def main(argv):
   options = sampling.sample_options(config, **options)
   samples, labels = sampling.generate(config, params, model, num_samples=_NUM.value,
                                       seed=_SEED.value, label=_LABEL.value,
-                                      batch_size=_BATCH.value, **options)
+                                      by_class=_BY_CLASS.value, batch_size=_BATCH.value,
+                                      **options)
   images.save_image_grid(samples, out + ".png")
   np.savez(out + ".npz", images=samples, labels=labels)
   print(f"wrote {len(samples)} samples to {out}.png and {out}.npz")

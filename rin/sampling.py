@@ -105,8 +105,18 @@ def draw_labels(rng, config: ConfigDict, n: int):
   return jax.random.randint(rng, (n,), 0, k, jnp.int32)
 
 
-def labels_for(rng, config: ConfigDict, n: int, label: int | None = None):
-  """n copies of `label`, or (None) labels drawn uniformly with draw_labels."""
+def labels_for(rng, config: ConfigDict, n: int, label: int | None = None, *,
+               by_class: bool = False):
+  """n copies of `label`, (None) labels drawn uniformly with draw_labels, or (by_class)
+  the classes in order, ceil(n / classes) each: with n = classes^2 each row of
+  rin.images.save_image_grid is one class."""
+  if by_class:
+    k = config.model.num_classes
+    if k <= 0:
+      raise ValueError(f"by_class needs a class-conditional config, got model.num_classes={k}")
+    if label is not None:
+      raise ValueError(f"by_class and label={label} exclude each other")
+    return jnp.repeat(jnp.arange(k, dtype=jnp.int32), -(-n // k))[:n]
   if label is None:
     return draw_labels(rng, config, n)
   if not 0 <= label < max(config.model.num_classes, 1):
@@ -126,12 +136,14 @@ def sample_in_batches(sample_fn, params, rng, conditioning, batch_size: int) -> 
 
 
 def generate(config: ConfigDict, params, model, *, num_samples: int, seed: int = 0, label=None,
-             num_steps=None, sampler=None, batch_size: int = 256, **options):
+             by_class: bool = False, num_steps=None, sampler=None, batch_size: int = 256,
+             **options):
   """Returns (images [N,H,W,C] in [-1,1], labels [N]).
 
   options: further sampling options (sample_options: schedule, time_delay, time_grid,
   guidance, guidance_interval, guidance_latents)."""
   sample_fn = make_sample_fn(model, config, num_steps=num_steps, sampler=sampler, **options)
   rng = jax.random.PRNGKey(seed)
-  labels = labels_for(jax.random.fold_in(rng, 1), config, num_samples, label)
+  labels = labels_for(jax.random.fold_in(rng, 1), config, num_samples, label,
+                      by_class=by_class)
   return sample_in_batches(sample_fn, params, rng, labels, batch_size), np.asarray(labels)

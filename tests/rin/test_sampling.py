@@ -247,3 +247,16 @@ def test_guidance_interval_on_the_logsnr_grid_uses_the_schedule_time():
   np.testing.assert_allclose(_run(guidance_interval=(0.0, 0.001), **kw),
                              _run(sampler="ddim", time_grid="logsnr", labels=LABELS),
                              atol=1e-6)
+
+
+def test_labels_by_class_fill_grid_rows_in_class_order():
+  from ml_collections import ConfigDict
+  from rin import sampling
+  cfg = ConfigDict({"model": {"num_classes": 3}})
+  got = np.asarray(sampling.labels_for(None, cfg, 9, by_class=True))
+  np.testing.assert_array_equal(got, [0, 0, 0, 1, 1, 1, 2, 2, 2])
+  assert len(sampling.labels_for(None, cfg, 7, by_class=True)) == 7
+  with pytest.raises(ValueError, match="exclude"):
+    sampling.labels_for(None, cfg, 9, label=1, by_class=True)
+  with pytest.raises(ValueError, match="num_classes=0"):
+    sampling.labels_for(None, ConfigDict({"model": {"num_classes": 0}}), 4, by_class=True)
