@@ -34,7 +34,7 @@ import time
 
 import numpy as np
 
-from bench.report import write_json
+from bench.report import write_report
 
 DEFAULT_CONFIG = "rin/configs/digits.py"
 
@@ -337,11 +337,7 @@ def main(argv=None):
       runs_for(name if not steps else f"{name}_{steps}_steps", _resolve(overrides, config),
                steps, note)
 
-  write_json(json_path, report)
-  with open(os.path.join(args.out, "quality.md"), "w") as f:
-    f.write(markdown(report))
-  plot(report, os.path.join(args.out, "quality.png"))
-  print(markdown(report))
+  print(write_report(args.out, "quality", report, markdown, plot))
 
 
 if __name__ == "__main__":

@@ -73,6 +73,17 @@ def write_json(path: str, record: dict) -> str:
   return path
 
 
+def write_report(out_dir: str, name: str, report: dict, markdown, plot) -> str:
+  """<out_dir>/<name>.json, .md (markdown(report)) and .png (plot(report, path)); returns
+  the markdown, which the quality benchmarks also print."""
+  write_json(os.path.join(out_dir, f"{name}.json"), report)
+  text = markdown(report)
+  with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
+    f.write(text)
+  plot(report, os.path.join(out_dir, f"{name}.png"))
+  return text
+
+
 def write_markdown(path: str, title: str, env: dict, sections: Sequence[tuple[str, str]],
                    ceilings: Iterable[dict] = (), notes: Sequence[str] = ()) -> str:
   """sections: (heading, markdown body) pairs."""

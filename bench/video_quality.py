@@ -21,7 +21,7 @@ import sys
 import numpy as np
 
 from bench.quality import train_run
-from bench.report import write_json
+from bench.report import write_report
 
 DEFAULT_CONFIG = "rin/configs/moving_digits.py"
 PREDICTORS = (("model", ""), ("copy last frame", "copy_last_"), ("blank frames", "blank_"))
@@ -106,11 +106,7 @@ def main(argv=None):
             "num_samples": int(mod.get_config().eval.num_samples),
             "command": "python -m bench.video_quality " + " ".join(argv or sys.argv[1:]),
             "runs": runs, "summary": summarise(runs)}
-  write_json(os.path.join(args.out, "video_quality.json"), report)
-  with open(os.path.join(args.out, "video_quality.md"), "w") as f:
-    f.write(markdown(report))
-  plot(report, os.path.join(args.out, "video_quality.png"))
-  print(markdown(report))
+  print(write_report(args.out, "video_quality", report, markdown, plot))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,15 @@ from rin.layers import Dense, LayerNorm, MLP, RINBlock, zeros
 pos_init = nn.initializers.truncated_normal(stddev=0.02)
 
 
+def previous_latents(prev_latents, b: int, m: int, d: int, dt):
+  """The self-conditioning input: the previous step's latents [b, m, d] (zeros when None)."""
+  if prev_latents is None:
+    return jnp.zeros((b, m, d), dt)
+  if prev_latents.shape != (b, m, d):
+    raise ValueError(f"prev_latents must have shape {(b, m, d)}, got {prev_latents.shape}")
+  return prev_latents.astype(dt)
+
+
 def timestep_embedding(gamma, dim: int, max_period: float = 10000.0):
   """Sinusoid of gamma * 1000 with `dim` features, standardised over features.
 
@@ -154,11 +163,7 @@ class RIN(nn.Module):
     z = jnp.concatenate(tokens, axis=1).astype(dt)
 
     # Latent self-conditioning. LN0 starts at scale 0 and bias 0, i.e. no effect.
-    if prev_latents is None:
-      prev_latents = jnp.zeros((b, m, d), dt)
-    if prev_latents.shape != (b, m, d):
-      raise ValueError(f"prev_latents must have shape {(b, m, d)}, got {prev_latents.shape}")
-    prev = prev_latents.astype(dt)
+    prev = previous_latents(prev_latents, b, m, d, dt)
     prev = prev + MLP(self.self_cond_mlp_ratio, dtype=self.dtype, name="self_cond_mlp")(
         LayerNorm(name="self_cond_ln", dtype=self.dtype)(prev))
     return z + LayerNorm(name="self_cond_ln0", scale_init=zeros, bias_init=zeros,

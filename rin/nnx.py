@@ -169,7 +169,22 @@ def _gather(module: nnx.Module, cls):
   return cls(**{f: getattr(module, f)[...] for f in cls._fields if hasattr(module, f)})
 
 
-class ReadBlock(nnx.Module):
+class _FusedBlock(nnx.Module):
+  """What the fused read and write blocks share: the kernel call and the widths a linen
+  tree implies (query and key input widths)."""
+
+  def _fused(self, op, a, b, params_cls):
+    c = self.config
+    return op(a, b.astype(a.dtype), _gather(self, params_cls), num_heads=c.num_heads,
+              implementation=c.implementation, interpret=c.interpret,
+              block_sizes=c.block_sizes)
+
+  @staticmethod
+  def _dims(params):
+    return params["wq"].shape[0], params["wk"].shape[0]
+
+
+class ReadBlock(_FusedBlock):
   """rin.layers.ReadBlock: z + MHA(q=LN(z), kv=x), fused (kernels.read_block).
 
   ReadBlock(latent_dim, interface_dim, *, rngs, num_heads=8, width=None, implementation=None,
@@ -181,17 +196,10 @@ class ReadBlock(nnx.Module):
                       rngs)
 
   def __call__(self, z, x):
-    c = self.config
-    return kernels.read_block(z, x.astype(z.dtype), _gather(self, ReadBlockParams),
-                              num_heads=c.num_heads, implementation=c.implementation,
-                              interpret=c.interpret, block_sizes=c.block_sizes)
-
-  @staticmethod
-  def _dims(params):
-    return params["wq"].shape[0], params["wk"].shape[0]
+    return self._fused(kernels.read_block, z, x, ReadBlockParams)
 
 
-class WriteBlock(nnx.Module):
+class WriteBlock(_FusedBlock):
   """rin.layers.WriteBlock: x + MHA(q=LN(x), kv=z), then x + MLP(LN(x)) if mlp_ratio > 0,
   fused (kernels.write_block).
 
@@ -212,14 +220,7 @@ class WriteBlock(nnx.Module):
       self.b2 = nnx.Param(_zeros(rngs.params(), (t,)))
 
   def __call__(self, x, z):
-    c = self.config
-    return kernels.write_block(x, z.astype(x.dtype), _gather(self, WriteBlockParams),
-                               num_heads=c.num_heads, implementation=c.implementation,
-                               interpret=c.interpret, block_sizes=c.block_sizes)
-
-  @staticmethod
-  def _dims(params):
-    return params["wq"].shape[0], params["wk"].shape[0]
+    return self._fused(kernels.write_block, x, z, WriteBlockParams)
 
 
 class RINBlock(nnx.Module):
@@ -346,11 +347,7 @@ class RIN(nnx.Module):
       onehot = jax.nn.one_hot(labels, c.num_classes, dtype=jnp.float32)
       tokens.append(self.class_dense(onehot)[:, None, :])
     z = jnp.concatenate(tokens, axis=1).astype(dt)
-    if prev_latents is None:
-      prev_latents = jnp.zeros((b, m, d), dt)
-    if prev_latents.shape != (b, m, d):
-      raise ValueError(f"prev_latents must have shape {(b, m, d)}, got {prev_latents.shape}")
-    prev = prev_latents.astype(dt)
+    prev = linen_model.previous_latents(prev_latents, b, m, d, dt)
     prev = prev + self.self_cond_mlp(self.self_cond_ln(prev))
     return z + self.self_cond_ln0(prev)
 
