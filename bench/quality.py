@@ -180,11 +180,10 @@ def _fmt(vals, digits=2):
 
 
 def markdown(report: dict) -> str:
-  lines = [f"# Digits sample quality ({report['num_samples']} samples per row, seeds "
-           f"{report['seeds']})", "",
+  lines = [f"# Digits sample quality ({report['num_samples']} samples per row)", "",
            "Frechet distance of rin.metrics.DigitsEvaluator features (lower is better) and the "
            "fraction of samples its classifier assigns to the requested class. One value per "
-           "seed.", "",
+           "seed (baselines: seeds 0, 1, 2; each run row names its seeds).", "",
            "| row | steps | wall s (per seed) | digits FD | label accuracy | note |",
            "|---|---|---|---|---|---|"]
   for name, row in report.get("baselines", {}).items():
@@ -195,15 +194,18 @@ def markdown(report: dict) -> str:
     bare = [w for w in row.get("wall_seconds_without_curve", []) if w is not None]
     if bare:
       wall += f" (without the curve's evaluations: {_fmt(bare, 0)})"
+    seeds = f"; seeds {', '.join(map(str, row['seeds']))}" if row.get("seeds") else ""
     lines.append(f"| {name} | {row['steps']} | {wall} | "
                  f"{_fmt(row['digits_fd'])} | {_fmt(row.get('digits_label_accuracy', []))} | "
-                 f"{row.get('note', '')} |")
+                 f"{row.get('note', '')}{seeds} |")
   if report.get("main_curve"):
     lines += ["", "Main runs over training (FD / accuracy per seed):", "",
               "| step | digits FD | label accuracy |", "|---|---|---|"]
     for step, fds, accs in report["main_curve"]:
       lines.append(f"| {step} | {_fmt(fds)} | {_fmt(accs)} |")
-  lines += ["", f"Command: `{report['command']}`", ""]
+  commands = sorted({row["command"] for row in report.get("runs", {}).values()
+                     if row.get("command")} | {report["command"]})
+  lines += ["", "Commands:", ""] + [f"- `{c}`" for c in commands] + [""]
   return "\n".join(lines)
 
 
@@ -314,7 +316,8 @@ def main(argv=None):
       recs.append(train_run(args.config, workdir, {"train.seed": s, **overrides},
                             num_steps=num_steps, verbose=args.verbose))
     report["runs"][name] = {
-        "note": note, "overrides": overrides, "steps": recs[0]["steps"],
+        "note": note, "overrides": overrides, "steps": recs[0]["steps"], "seeds": seeds,
+        "command": report["command"],
         "wall_seconds": [r["wall_seconds"] for r in recs],
         "wall_seconds_without_curve": [r.get("wall_seconds_without_curve") for r in recs],
         **_summary([r["final"] for r in recs])}
