@@ -221,8 +221,9 @@ def plot(report: dict, path: str):
     if curve:
       steps = [c[0] for c in curve]
       vals = np.array([c[1] if key == "digits_fd" else c[2] for c in curve], dtype=float)
+      seeds = report.get("runs", {}).get("main", {}).get("seeds") or report["seeds"]
       for j in range(vals.shape[1]):
-        ax.plot(steps, vals[:, j], marker="o", label=f"main, seed {report['seeds'][j]}")
+        ax.plot(steps, vals[:, j], marker="o", label=f"main, seed {seeds[j]}")
     for name, style in (("class_gaussians", "--"), ("gaussian", ":"), ("held_out_digits", "-.")):
       if name in base and f"{key}_mean" in base[name]:
         ax.axhline(base[name][f"{key}_mean"], ls=style, c="k", lw=1, label=name)
