@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import os
 import resource
 import sys
@@ -39,18 +38,7 @@ import numpy as np
 
 from rin import xla_cpu
 from bench import report, timing
-
-CONFIG_MODULE = "rin.configs.{}"
-
-
-def load_config(name_or_path: str):
-  if name_or_path.endswith(".py"):
-    spec = importlib.util.spec_from_file_location("bench_cfg", name_or_path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-  else:
-    mod = importlib.import_module(CONFIG_MODULE.format(name_or_path))
-  return mod.get_config()
+from bench.report import load_config
 
 
 def _peak_rss_bytes() -> int:

@@ -34,7 +34,7 @@ import time
 
 import numpy as np
 
-from bench.report import write_report
+from bench.report import load_config, write_report
 
 DEFAULT_CONFIG = "rin/configs/digits.py"
 
@@ -281,11 +281,7 @@ def main(argv=None):
     ap.error(f"unrecognised arguments: {' '.join(rest)}")
 
   from rin import metrics
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("quality_config", args.config)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  config = mod.get_config()
+  config = load_config(args.config)
   seeds = [int(s) for s in args.seeds.split(",") if s]
   parts = set(args.parts.split(","))
   unknown = parts - {"baselines", "main", "ablations"}

@@ -73,6 +73,19 @@ def write_json(path: str, record: dict) -> str:
   return path
 
 
+def load_config(name_or_path: str):
+  """A config: a file path ("rin/configs/digits.py") or a name under rin/configs ("cifar10")."""
+  import importlib
+  import importlib.util
+  if name_or_path.endswith(".py"):
+    spec = importlib.util.spec_from_file_location("bench_config", name_or_path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+  else:
+    mod = importlib.import_module(f"rin.configs.{name_or_path}")
+  return mod.get_config()
+
+
 def write_report(out_dir: str, name: str, report: dict, markdown, plot) -> str:
   """<out_dir>/<name>.json, .md (markdown(report)) and .png (plot(report, path)); returns
   the markdown, which the quality benchmarks also print."""

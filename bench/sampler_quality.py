@@ -39,8 +39,7 @@ def load_workdir_config(workdir: str, config_path: str | None = None) -> ConfigD
   """The config a workdir was trained with (its config.json, completed with the fields an
   older version did not write), or a config file."""
   if config_path:
-    from bench.model import load_config
-    return load_config(config_path)
+    return report.load_config(config_path)
   path = os.path.join(workdir, "config.json")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"--workdir={workdir!r} has no config.json; pass --config")

@@ -21,7 +21,7 @@ import sys
 import numpy as np
 
 from bench.quality import train_run
-from bench.report import write_report
+from bench.report import load_config, write_report
 
 DEFAULT_CONFIG = "rin/configs/moving_digits.py"
 PREDICTORS = (("model", ""), ("copy last frame", "copy_last_"), ("blank frames", "blank_"))
@@ -98,12 +98,8 @@ def main(argv=None):
   gifs = sorted(glob.glob(os.path.join(args.out, "runs", f"seed{seeds[0]}", "samples", "*.gif")))
   if gifs:
     shutil.copyfile(gifs[-1], os.path.join(args.out, "samples.gif"))
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("video_quality_config", args.config)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
   report = {"config": args.config, "seeds": seeds,
-            "num_samples": int(mod.get_config().eval.num_samples),
+            "num_samples": int(load_config(args.config).eval.num_samples),
             "command": "python -m bench.video_quality " + " ".join(argv or sys.argv[1:]),
             "runs": runs, "summary": summarise(runs)}
   print(write_report(args.out, "video_quality", report, markdown, plot))
