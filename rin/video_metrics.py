@@ -83,11 +83,16 @@ def ssim(pred, truth, *, window: int = 11, sigma: float = 1.5) -> np.ndarray:
   return m.mean(axis=(0, 2, 3, 4))
 
 
-def copy_last_frame(cond, num_frames: int) -> np.ndarray:
-  """The baseline prediction: the last conditioning frame repeated `num_frames` times."""
+def _conditioning(what: str, cond) -> np.ndarray:
   c = np.asarray(cond)
   if c.ndim != 5 or c.shape[1] < 1:
-    raise ValueError(f"copy_last_frame: cond must be [B, Fc >= 1, H, W, C], got {c.shape}")
+    raise ValueError(f"{what}: cond must be [B, Fc >= 1, H, W, C], got {c.shape}")
+  return c
+
+
+def copy_last_frame(cond, num_frames: int) -> np.ndarray:
+  """The baseline prediction: the last conditioning frame repeated `num_frames` times."""
+  c = _conditioning("copy_last_frame", cond)
   return np.repeat(c[:, -1:], num_frames, axis=1)
 
 
@@ -97,9 +102,7 @@ def blank_frames(cond, num_frames: int) -> np.ndarray:
   (the digit has barely moved), blank frames win once the digit has moved off its old
   place (copy-last then pays for it twice: where it was and where it is); a model that
   predicts motion beats both."""
-  c = np.asarray(cond)
-  if c.ndim != 5 or c.shape[1] < 1:
-    raise ValueError(f"blank_frames: cond must be [B, Fc >= 1, H, W, C], got {c.shape}")
+  c = _conditioning("blank_frames", cond)
   return np.repeat(c.min(axis=1, keepdims=True), num_frames, axis=1)
 
 
