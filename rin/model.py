@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rin.layers import Dense, LayerNorm, MLP, RINBlock, zeros
 
@@ -230,6 +231,51 @@ def tubelets_to_video(t, tubelet_frames: int, patch_size: int, channels: int, fr
   return x[:, before:before + frames]
 
 
+TAPE_POS_ENCODINGS = ("learned", "sin_cos_plus_learned")
+TAPE_POS_NORMALIZATION_MAX = 1e4    # the authors' time_scaling default, which their video
+                                    # tape passes as the sin-cos coordinates' range
+
+
+def sin_cos_2d(rows: int, cols: int, dim: int, normalization_max: float = 6.2831852):
+  """The authors' ``get_2d_position_codes``: [rows, cols, dim] float32, the first dim/2
+  features a 1-D sin-cos code of the row, the last dim/2 of the column (each code: sines of
+  the even, then cosines of the odd frequency indices); coordinates scaled to
+  [0, normalization_max]. A side of 1 gets coordinate 0 (theirs divides 0 by 0)."""
+  if dim % 2:
+    raise ValueError(f"sin-cos positions need an even width, got interface_dim={dim}")
+
+  def codes(n, d):
+    coords = np.arange(n, dtype=np.float64)
+    if n > 1:
+      coords = coords / (n - 1) * normalization_max
+    i = np.arange(d)
+    angles = coords[:, None] / np.power(10000.0, 2 * (i // 2) / d)[None, :]
+    return np.concatenate([np.sin(angles[:, 0::2]), np.cos(angles[:, 1::2])], -1)
+
+  y, x = codes(rows, dim // 2), codes(cols, dim // 2)
+  out = np.concatenate([np.broadcast_to(y[:, None], (rows, cols, dim // 2)),
+                        np.broadcast_to(x[None, :], (rows, cols, dim // 2))], -1)
+  return out.astype(np.float32)
+
+
+def video_tape_positions(encoding: str, time_steps: int, rows: int, dim: int):
+  """The fixed part of a video tape's positions, [time_steps * rows * rows, dim], or None.
+
+  "learned" (the authors' default): none, the table is a parameter (truncated normal 0.02).
+  "sin_cos_plus_learned" (their option of that name): the 2-D sin-cos code of each token's
+  (row, col), tiled over time steps (their einops.repeat 'hw d -> (t hw) d'), plus a learned
+  residual table initialised to zeros. The time step is then only in the residual: tokens at
+  one place in different frames start with one code, which lets reads and writes match a
+  place across frames from the first step.
+  """
+  if encoding not in TAPE_POS_ENCODINGS:
+    raise ValueError(f"tape_pos_encoding={encoding!r} must be one of {TAPE_POS_ENCODINGS}")
+  if encoding == "learned":
+    return None
+  hw = sin_cos_2d(rows, rows, dim, TAPE_POS_NORMALIZATION_MAX).reshape(rows * rows, dim)
+  return np.tile(hw, (time_steps, 1))
+
+
 class TubeletStem(nn.Module):
   """The authors' video stem ``Conv3D(features, (pt, p, p), strides=(pt, p, p),
   padding="SAME")`` as space-time-to-depth and one matmul (see PatchStem for why no conv).
@@ -282,6 +328,7 @@ class VideoRIN(RIN):
   tubelet_frames: int = 2
   tubelet_padding: str = "same"        # "same": the authors' zero frames; "none": F - Fc and
                                        # Fc must be multiples of tubelet_frames
+  tape_pos_encoding: str = "learned"   # or "sin_cos_plus_learned" (video_tape_positions)
   num_classes: int = 0
 
   @property
@@ -309,6 +356,9 @@ class VideoRIN(RIN):
                        f"num_frames={self.num_frames} (at least one frame to predict)")
     if self.tubelet_padding not in ("same", "none"):
       raise ValueError(f"tubelet_padding must be 'same' or 'none', got {self.tubelet_padding!r}")
+    if self.tape_pos_encoding not in TAPE_POS_ENCODINGS:
+      raise ValueError(f"tape_pos_encoding={self.tape_pos_encoding!r} must be one of "
+                       f"{TAPE_POS_ENCODINGS}")
     if self.tubelet_padding == "none":
       for name, n in (("num_frames - cond_frames", self.pred_frames),
                       ("cond_frames", self.cond_frames)):
@@ -342,11 +392,20 @@ class VideoRIN(RIN):
     if self.num_latents <= 1:
       raise ValueError(f"num_latents={self.num_latents} must exceed the 1 time token")
 
+  def _fixed_tape_positions(self):
+    g = self.image_size // self.patch_size
+    steps = self._time_steps(self.pred_frames) + self._time_steps(self.cond_frames)
+    return video_tape_positions(self.tape_pos_encoding, steps, g, self.interface_dim)
+
   def _interface(self, x_t, cond=None):
     b, g, t_dim = x_t.shape[0], self.image_size // self.patch_size, self.interface_dim
     stem = TubeletStem(t_dim, self.tubelet_frames, self.patch_size, dtype=self.dtype, name="stem")
     ln = LayerNorm(name="stem_ln", dtype=self.dtype)
-    pos = self.param("pos_interface", pos_init, (self.num_patches, t_dim))
+    fixed = self._fixed_tape_positions()
+    pos = self.param("pos_interface", pos_init if fixed is None else zeros,
+                     (self.num_patches, t_dim))
+    if fixed is not None:
+      pos = pos + jnp.asarray(fixed)
     parts = [x_t] + ([cond] if self.cond_frames else [])
     tokens, offset = [], 0
     for frames in parts:

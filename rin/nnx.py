@@ -391,7 +391,9 @@ class VideoRIN(RIN):
     self.stem = _Stem(linen_model.TubeletStem(t, pt, p, dtype=c.dtype),
                       (pt, p, p, c.channels, t), rngs=rngs)
     self.stem_ln = _layer_norm(t, rngs, c.dtype)
-    self.pos_interface = nnx.Param(linen_model.pos_init(rngs.params(), (c.num_patches, t)))
+    fixed = c._fixed_tape_positions()
+    init = linen_model.pos_init if fixed is None else nnx.initializers.zeros
+    self.pos_interface = nnx.Param(init(rngs.params(), (c.num_patches, t)))
 
   def _readout_features(self) -> int:
     c = self.config
@@ -400,6 +402,9 @@ class VideoRIN(RIN):
   def _interface(self, x_t, cond=None):
     c = self.config
     pos = self.pos_interface[...]
+    fixed = c._fixed_tape_positions()       # numpy constants, not state
+    if fixed is not None:
+      pos = pos + jnp.asarray(fixed)
     tokens, offset = [], 0
     for frames in [x_t] + ([cond] if c.cond_frames else []):
       y = self.stem(frames).reshape(x_t.shape[0], -1, c.interface_dim)

@@ -19,7 +19,8 @@ def get_config():
       num_frames=16, cond_frames=5,
       num_latents=32, latent_dim=96, latent_heads=4, latent_mlp_ratio=2.0,
       num_blocks=2, latent_layers_per_block=1,
-      interface_dim=64, rw_heads=4, num_classes=0, self_cond_mlp_ratio=2.0)
+      interface_dim=64, rw_heads=4, num_classes=0, self_cond_mlp_ratio=2.0,
+      tape_pos_encoding="learned")
   c.diffusion.update(sampler="ddim", sample_steps=50)
   c.optim.update(learning_rate=2e-3, warmup_steps=100, decay_fraction=1.0, grad_clip=1.0,
                  ema_decay=0.995)

@@ -150,8 +150,8 @@ def _image_setup(**overrides):
   return lin, linen_tree(lin, *args), args
 
 
-def _video_setup():
-  m = tiny_video_config.get_config().model.to_dict()
+def _video_setup(**overrides):
+  m = dict(tiny_video_config.get_config().model.to_dict(), **overrides)
   lin = rin.VideoRIN(**m)
   frame = (m["image_size"], m["image_size"], m["channels"])
   x = _normal(0, (B, m["num_frames"] - m["cond_frames"]) + frame)
@@ -229,12 +229,21 @@ def test_rin_round_trips_are_identical(image, nnx_born):
   assert_identical_trees(nnx.to_pure_dict(nnx.state(net, nnx.Param)), params)
 
 
-def test_video_rin_same_outputs():
-  lin, params, args = _video_setup()
+@pytest.mark.parametrize("tape_pos_encoding", ["learned", "sin_cos_plus_learned"])
+def test_video_rin_same_outputs(tape_pos_encoding):
+  lin, params, args = _video_setup(tape_pos_encoding=tape_pos_encoding)
+  if tape_pos_encoding != "learned":   # a nonzero residual, so both parts are exercised
+    params = jax.tree.map(np.asarray, params)
+    params["pos_interface"] = np.asarray(_normal(5, params["pos_interface"].shape)) * 0.1
   net = rnnx.from_linen(lin, params)
   assert isinstance(net, rnnx.VideoRIN) and net.config == lin
   assert_same(*_apply_both(lin, params, net, args))
   assert_identical_trees(rnnx.to_linen(net)[1], params)
+  # nnx's own initialisation follows the encoding too (zero residual for sin-cos).
+  born = rnnx.VideoRIN(rngs=nnx.Rngs(0), **dict(tiny_video_config.get_config().model.to_dict(),
+                                                 tape_pos_encoding=tape_pos_encoding))
+  pos = np.asarray(born.pos_interface[...])
+  assert (np.abs(pos).max() == 0) == (tape_pos_encoding != "learned")
 
 
 def test_train_mode_randomness(image):

@@ -121,6 +121,54 @@ def test_conditioning_frames_change_the_prediction():
     assert float(jnp.max(jnp.abs(a - b2))) > 1e-4, f
 
 
+def test_sin_cos_codes_are_the_authors_formula():
+  # get_2d_position_codes at dim 8: per side [sin y, sin y/100, cos y, cos y/100] (exponent
+  # 2*(i//2)/4 of 10000), rows first, columns second; coordinates scaled to [0, max].
+  out = model_lib.sin_cos_2d(3, 4, 8, normalization_max=6.0)
+  assert out.shape == (3, 4, 8)
+  for r in range(3):
+    for c in range(4):
+      y, x = r / 2 * 6.0, c / 3 * 6.0
+      want = [np.sin(y), np.sin(y / 100), np.cos(y), np.cos(y / 100),
+              np.sin(x), np.sin(x / 100), np.cos(x), np.cos(x / 100)]
+      np.testing.assert_allclose(out[r, c], want, rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match="even width"):
+    model_lib.sin_cos_2d(2, 2, 7)
+
+
+def test_sin_cos_plus_learned_tape_positions():
+  base = _tiny_model()
+  model = _tiny_model(tape_pos_encoding="sin_cos_plus_learned")
+  x, g, c = _inputs(model)
+  p_base = model.init(jax.random.PRNGKey(0), x, g, c)
+  params = model.init(jax.random.PRNGKey(0), x, g, c)
+  # Same parameter tree (the learned table is the residual), initialised to zero.
+  assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, base.init(
+      jax.random.PRNGKey(0), x, g, c))
+  np.testing.assert_array_equal(params["params"]["pos_interface"], 0.0)
+  # The fixed part: one 2-D code per place, tiled over the tape's time steps.
+  g_side = model.image_size // model.patch_size
+  steps = model.num_patches // (g_side * g_side)
+  fixed = model_lib.video_tape_positions("sin_cos_plus_learned", steps, g_side,
+                                         model.interface_dim)
+  assert fixed.shape == (model.num_patches, model.interface_dim)
+  np.testing.assert_array_equal(fixed[:g_side * g_side], fixed[-g_side * g_side:])
+  assert np.abs(fixed[0] - fixed[1]).max() > 0.1            # places differ
+  # ... and it enters the tokens: the model differs from the learned table with the same
+  # (zero) residual only by the fixed codes.
+  p_zero = jax.tree.map(np.asarray, p_base)
+  p_zero["params"]["pos_interface"] = np.zeros_like(p_zero["params"]["pos_interface"])
+  a, _ = model.apply(params, x, g, c)
+  b, _ = base.apply(p_zero, x, g, c)
+  assert float(jnp.max(jnp.abs(a - b))) > 1e-3
+  p_fixed = jax.tree.map(np.asarray, p_zero)
+  p_fixed["params"]["pos_interface"] = fixed
+  b2, _ = base.apply(p_fixed, x, g, c)
+  np.testing.assert_allclose(a, b2, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="tape_pos_encoding"):
+    _tiny_model(tape_pos_encoding="sin_cos").init(jax.random.PRNGKey(0), x, g, c)
+
+
 def test_self_conditioning_latents_matter_after_training_starts():
   model = _tiny_model()
   x, g, c = _inputs(model)
