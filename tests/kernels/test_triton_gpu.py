@@ -212,3 +212,46 @@ def test_default_tiles_fit_shared_memory_at_float32(dh):
   bwd = plan.num_stages * 2 * plan.block_q_bwd * d * item + 2 * plan.block_kv_bwd * d * item
   assert max(fwd, bwd) <= min(config.SMEM_LIMIT_BYTES.values())
   assert plan.block_q >= 16 and plan.block_kv >= 16
+
+
+def _write_attention_launches(shape, dtype, block_sizes):
+  """The _attn_fwd_kernel launches of one write block at `shape` (traced, nothing run)."""
+  from kernels.triton_gpu.launch import clear_caches, record_launches
+  batch, m, d, n, t, heads, width, hidden = shape
+  (x, z, p), _ = oc.block_inputs(0, "write", batch, m, d, n, t, width, hidden, dtype)
+  clear_caches()
+  with record_launches() as recs:
+    jax.make_jaxpr(lambda x, z, p: kernels.write_block(x, z, p, num_heads=heads,
+                                                       block_sizes=block_sizes, **TRITON))(
+                                                           x, z, p)
+  clear_caches()
+  return [dict(r.constexprs) for r in recs if r.kernel.__name__ == "_attn_fwd_kernel"]
+
+
+# The write block's attention over M latent keys, through the public op (forward and
+# backward against the float64 oracle). M = 70: the one-pass softmax (one 128-key tile,
+# 58 masked keys); M = 130: the online softmax over three 64-key tiles in one program, the
+# plan a real batch gets (B * N / 64 * H >= 264 programs: kv_splits = 1), forced here at
+# batch 1, where the default plan gives each key tile its own split (one-pass softmax per
+# split, merged by the combine kernel: the third case) and would never rescale.
+# (batch, m, d, n, t, heads, width, mlp_hidden): odd N, head_dim 24 (padded to 32), MLP on.
+WRITE_KEYS = [
+    pytest.param(70, None, dict(ONE_PASS=True, BLOCK_N=128), id="m70_one_pass"),
+    pytest.param(130, triton_gpu.BlockSizes(kv_splits=1),
+                 dict(ONE_PASS=False, BLOCK_N=64, SPLIT_LEN=192), id="m130_online_3_tiles"),
+    pytest.param(130, None, dict(ONE_PASS=True, BLOCK_N=64, SPLIT_LEN=64),
+                 id="m130_3_splits_combined"),
+]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("m,block_sizes,want", WRITE_KEYS)
+def test_write_block_over_many_latent_keys(m, block_sizes, want, dtype):
+  shape = (1, m, 40, 33, 24, 2, 48, 32)
+  launches = _write_attention_launches(shape, dtype, block_sizes)
+  assert launches and all(c["LK"] == m for c in launches), launches
+  for c in launches:
+    assert {k: c[k] for k in want} == want, c
+  fn = lambda x, z, p: kernels.write_block(x, z, p, num_heads=2, block_sizes=block_sizes,
+                                           **TRITON)
+  oc.check_block(fn, "write", shape, dtype, backend="triton")
