@@ -3,9 +3,10 @@
 Every kernel runs forward and backward (jax.grad -> custom_vjp -> Triton backward
 kernels) against the float64 jax.numpy reference (kernels/reference.py), on the
 published RIN block shapes (batch 1) and odd ones (lengths 1, 7, 200, 1000; head
-dim 72). fp32 and fp16 only: the interpreter's bf16 tl.dot is wrong (DESIGN.md);
-bf16 is covered by the compile report / lint (tests/kernels/test_triton_lint.py) and by
-the GPU script (bench/triton_gpu_check.py). Shapes, inputs, the oracle and the comparison
+dim 72). fp32, fp16 and bf16: the interpreter's own bf16 tl.dot multiplies raw bits
+(DESIGN.md); kernels/triton_gpu/launch.py widens bf16 dot operands to fp32 exactly while
+it interprets (test_interpreter_bf16_dot_is_exact_and_undone). The compile report / lint
+(tests/kernels/test_triton_lint.py) checks what the bf16 kernels compile to. Shapes, inputs, the oracle and the comparison
 rule are the shared op test base's (tests/kernels/op_cases.py); this file adds what is
 Triton's own: its odd tile boundaries, block-size rules, vmap folding, the interpreter.
 """
@@ -61,8 +62,9 @@ def test_attention_odd_fp32(b, lq, lk, h, dh):
   _check_attention(b, lq, lk, h, dh, jnp.float32)
 
 
-def test_attention_fp16_odd():
-  _check_attention(1, 7, 200, 2, 72, jnp.float16)
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16], ids=["fp16", "bf16"])
+def test_attention_low_precision_odd(dtype):
+  _check_attention(1, 7, 200, 2, 72, dtype)
 
 
 @pytest.mark.slow
@@ -103,8 +105,9 @@ def test_blocks_odd_fp32(direction, shape):
   _check_block(direction, shape, jnp.float32)
 
 
-def test_write_block_fp16():
-  _check_block("write", (1, 16, 48, 40, 32, 2, 64, 64), jnp.float16)
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16], ids=["fp16", "bf16"])
+def test_write_block_low_precision(dtype):
+  _check_block("write", (1, 16, 48, 40, 32, 2, 64, 64), dtype)
 
 
 def test_vmap_and_grad_through_attention():
@@ -244,7 +247,8 @@ WRITE_KEYS = [
 ]
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16, jnp.bfloat16],
+                         ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("m,block_sizes,want", WRITE_KEYS)
 def test_write_block_over_many_latent_keys(m, block_sizes, want, dtype):
   shape = (1, m, 40, 33, 24, 2, 48, 32)
@@ -255,3 +259,30 @@ def test_write_block_over_many_latent_keys(m, block_sizes, want, dtype):
   fn = lambda x, z, p: kernels.write_block(x, z, p, num_heads=2, block_sizes=block_sizes,
                                            **TRITON)
   oc.check_block(fn, "write", shape, dtype, backend="triton")
+
+
+def test_interpreter_bf16_dot_is_exact_and_undone():
+  """Triton's interpreter multiplies bf16 dot operands as raw uint16 bits; the interpreted
+  launch widens them to fp32 first (exact) and puts the interpreter's create_dot back."""
+  import numpy as np
+  import triton
+  import triton.language as tl
+  from triton.runtime import interpreter as ti
+  from kernels.triton_gpu.launch import launch
+
+  @triton.jit
+  def mm(a_ptr, b_ptr, c_ptr, M: tl.constexpr, N: tl.constexpr, K: tl.constexpr):
+    m, n, k = tl.arange(0, M), tl.arange(0, N), tl.arange(0, K)
+    a = tl.load(a_ptr + m[:, None] * K + k[None, :])
+    b = tl.load(b_ptr + k[:, None] * N + n[None, :])
+    tl.store(c_ptr + m[:, None] * N + n[None, :], tl.dot(a, b))
+
+  before = ti.InterpreterBuilder.create_dot
+  a = jax.random.normal(jax.random.key(0), (16, 32)).astype(jnp.bfloat16)
+  b = jax.random.normal(jax.random.key(1), (32, 16)).astype(jnp.bfloat16)
+  (c,) = launch(mm, (1,), (a, b), (jax.ShapeDtypeStruct((16, 16), jnp.float32),),
+                interpret=True, M=16, N=16, K=32)
+  want = np.asarray(a, np.float64) @ np.asarray(b, np.float64)
+  # Products of bf16 values are exact in fp32; only the fp32 sums round.
+  np.testing.assert_allclose(np.asarray(c, np.float64), want, rtol=0, atol=1e-5)
+  assert ti.InterpreterBuilder.create_dot is before
