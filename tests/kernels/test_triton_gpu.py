@@ -286,3 +286,72 @@ def test_interpreter_bf16_dot_is_exact_and_undone():
   # Products of bf16 values are exact in fp32; only the fp32 sums round.
   np.testing.assert_allclose(np.asarray(c, np.float64), want, rtol=0, atol=1e-5)
   assert ti.InterpreterBuilder.create_dot is before
+
+
+def _dot_eqns(jaxpr):
+  """Every dot_general equation of a (closed) jaxpr, sub-jaxprs included."""
+  from jax.extend import core as jcore
+  out = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      out.append(eqn)
+    for v in eqn.params.values():
+      for sub in (v if isinstance(v, (tuple, list)) else (v,)):
+        if isinstance(sub, jcore.ClosedJaxpr):
+          out += _dot_eqns(sub.jaxpr)
+        elif isinstance(sub, jcore.Jaxpr):
+          out += _dot_eqns(sub)
+  return out
+
+
+@pytest.mark.parametrize("precision,prec,lax_prec", [
+    (None, "tf32", None), ("highest", "ieee", jax.lax.Precision.HIGHEST)])
+def test_precision_policy_of_the_triton_blocks(precision, prec, lax_prec):
+  """kernels/precision.py on the Triton path, forward and backward: fp32 blocks run every
+  Triton dot at tf32 (ieee under "highest") and every XLA GEMM at default precision
+  (HIGHEST under "highest"); bf16 blocks with fp32 params feed every dot, Triton's and
+  XLA's, bf16 operands (params cast once per call)."""
+  from kernels.triton_gpu.launch import clear_caches, record_launches
+
+  def traced(dtype):
+    (x, z, pw), _ = oc.block_inputs(0, "write", 2, 16, 32, 40, 24, 32, 48, jnp.float32)
+    (zr, xr, pr), _ = oc.block_inputs(0, "read", 2, 16, 32, 40, 24, 32, 0, jnp.float32)
+    def loss(x, z, pw, zr, xr, pr):
+      w = kernels.write_block(x.astype(dtype), z.astype(dtype), pw, num_heads=2,
+                              precision=precision, **TRITON)
+      r = kernels.read_block(zr.astype(dtype), xr.astype(dtype), pr, num_heads=2,
+                             precision=precision, **TRITON)
+      return jnp.sum(w.astype(jnp.float32) ** 2) + jnp.sum(r.astype(jnp.float32) ** 2)
+    clear_caches()
+    with record_launches() as recs:
+      jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5)))(x, z, pw, zr, xr, pr)
+    clear_caches()
+    return recs, _dot_eqns(jaxpr.jaxpr)
+
+  recs, dots = traced(jnp.float32)
+  kinds = {r.kernel.__name__ for r in recs}
+  assert {"_read_attn_kernel", "_attn_fwd_kernel", "_attn_bwd_dkdv_kernel",
+          "_attn_bwd_dq_kernel"} <= kinds, kinds
+  dot_kernels = [r for r in recs if "PREC" in dict(r.constexprs)]
+  assert dot_kernels and all(dict(r.constexprs)["PREC"] == prec for r in dot_kernels)
+  assert dots
+  for e in dots:
+    p = e.params["precision"]
+    got = None if p is None else tuple(set(p))
+    assert got in ((None,), None, (jax.lax.Precision.DEFAULT,)) if lax_prec is None \
+        else got == (lax_prec,), (got, e)
+
+  recs, dots = traced(jnp.bfloat16)
+  # The dot operands of each kernel (by position): q, k, v (and dO in the backward); the
+  # fused read's q, x, Wk, Wv. Biases, lse and delta stay fp32.
+  operands = {"_attn_fwd_kernel": (0, 1, 2), "_attn_bwd_dkdv_kernel": (0, 1, 2, 3),
+              "_attn_bwd_dq_kernel": (0, 1, 2, 3), "_read_attn_kernel": (0, 1, 2, 4)}
+  seen = set()
+  for r in recs:
+    name = r.kernel.__name__
+    if "PREC" in dict(r.constexprs):
+      seen.add(name)
+      assert [r.in_dtypes[i] for i in operands[name]] == ["bfloat16"] * len(operands[name]), r
+  assert seen == set(operands), seen
+  for e in dots:
+    assert [v.aval.dtype for v in e.invars] == [jnp.bfloat16] * 2, e
