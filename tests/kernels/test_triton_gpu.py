@@ -238,6 +238,11 @@ def _write_attention_launches(shape, dtype, block_sizes):
 # batch 1, where the default plan gives each key tile its own split (one-pass softmax per
 # split, merged by the combine kernel: the third case) and would never rescale.
 # (batch, m, d, n, t, heads, width, mlp_hidden): odd N, head_dim 24 (padded to 32), MLP on.
+# Checked by breaking the kernel (2026-12-03): with the rescale deleted from
+# attention_kernels.online_softmax_step, m130_online_3_tiles fails in every dtype
+# (forward rms err 0.031 against a bound of 0.029 at fp16/bf16, 0.00007 at fp32) and no
+# other write-block test does; with the one-pass branch's key mask dropped, m70 and
+# m130_3_splits fail.
 WRITE_KEYS = [
     pytest.param(70, None, dict(ONE_PASS=True, BLOCK_N=128), id="m70_one_pass"),
     pytest.param(130, triton_gpu.BlockSizes(kv_splits=1),
