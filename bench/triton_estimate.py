@@ -25,7 +25,11 @@ second pass; the self-conditioning pass is forward only), for
           cores in Triton (no S/P in HBM; the backward recomputes S: 7 score-sized
           matmuls instead of 4), the read's K/V projection inside the attention kernel
           (no K/V round trip in the forward; STORE_KV writes them once for training).
-The latent tower's GEMMs and MLPs, the stem and the readout are identical on both paths
+  triton_fused_linear  the Triton path before commit 331d782, for the decision that
+          commit made: the blocks' GEMMs as `fused_linear` launches (gemm_fl: 64x64 output
+          tiles, LN / GELU / residual fused, rate scaled by the grid's fill of 132 SMs;
+          the weight gradients get 16-32 CTAs), attention cores as now.
+The latent tower's GEMMs and MLPs, the stem and the readout are identical on all paths
 and left out, so the ratio is that of the kernel-backed work only.
 """
 from __future__ import annotations
@@ -46,22 +50,30 @@ F32 = 4
 
 @dataclasses.dataclass
 class Cost:
+  """FLOPs, minimum bytes and `eff_flops`: the FLOPs weighted by 1 / (the fraction of the
+  chip a launch's grid occupies), so that a GEMM on 16 CTAs of 132 SMs counts 132/16 times
+  its FLOPs against the peak (= its FLOPs when the grid fills the chip; the default)."""
   flops: float = 0.0
   bytes: float = 0.0
+  eff_flops: float | None = None
+
+  def __post_init__(self):
+    if self.eff_flops is None:
+      self.eff_flops = self.flops
 
   def __add__(self, o):
-    return Cost(self.flops + o.flops, self.bytes + o.bytes)
+    return Cost(self.flops + o.flops, self.bytes + o.bytes, self.eff_flops + o.eff_flops)
 
   def __mul__(self, k):
-    return Cost(self.flops * k, self.bytes * k)
+    return Cost(self.flops * k, self.bytes * k, self.eff_flops * k)
 
   @property
   def seconds(self) -> float:
-    return max(self.flops / PEAK_FLOPS, self.bytes / HBM_BPS)
+    return max(self.eff_flops / PEAK_FLOPS, self.bytes / HBM_BPS)
 
   @property
   def bound(self) -> str:
-    return "compute" if self.flops / PEAK_FLOPS >= self.bytes / HBM_BPS else "memory"
+    return "compute" if self.eff_flops / PEAK_FLOPS >= self.bytes / HBM_BPS else "memory"
 
 
 # ----------------------------------------------------------------------------
@@ -104,6 +116,41 @@ def ln(r, c, in_b) -> Cost:
 def gemm_bwd(r, k, n, in_b=S) -> Cost:
   """dX = dY W^T and dW = X^T dY of one GEMM (dY, X, W read; dX, dW written)."""
   return gemm(r, n, k, in_b=S, out_b=F32) + gemm(k, r, n, in_b=in_b, out_b=F32)
+
+
+# The Triton GEMM the backend had before commit 331d782 (`fused_linear`): fixed 64x64
+# output tiles, one CTA per tile, the reduction serial inside each CTA (no split-K).
+FL_TILE = 64
+SMS = 132
+# The fraction of the bf16 peak a full grid of fused_linear's 64x64x32, 2-stage, no-TMA
+# tiles reaches (1.0: generous; no GPU has measured it). break_even_efficiency varies it.
+FL_EFFICIENCY = 1.0
+
+
+def _fill(ctas: int) -> float:
+  """Fraction of the H200's SMs a grid of `ctas` one-tile CTAs keeps busy."""
+  return min(1.0, ctas / SMS)
+
+
+def gemm_fl(r, k, n, in_b=S, out_b=S, extra=0.0) -> Cost:
+  """[r, k] @ [k, n] as one fused_linear launch: LN prologue / GELU / residual epilogues
+  fused (callers add no LN pass), rate scaled by the grid's fill of the chip."""
+  c = gemm(r, k, n, in_b, out_b, extra)
+  ctas = math.ceil(r / FL_TILE) * math.ceil(n / FL_TILE)
+  return Cost(c.flops, c.bytes, c.flops / (_fill(ctas) * FL_EFFICIENCY))
+
+
+def gemm_fl_bwd(r, k, n, in_b=S, with_ln=False, gelu=False) -> Cost:
+  """fused_linear's backward of [r, k] @ [k, n]: dX = dY W^T ([r/64 x k/64] CTAs) and
+  dW = X^T dY ([k/64 x n/64] CTAs, all r rows serial in each: 16-32 CTAs at RIN's widths);
+  with_ln: the LN recomputed (u written) and its backward kernel (x, du read, dx written);
+  with gelu: the pre-activation recomputed for GELU' (one more forward GEMM)."""
+  c = gemm_fl(r, n, k, out_b=F32) + gemm_fl(k, r, n, in_b=in_b, out_b=F32)
+  if with_ln:
+    c += ln(r, k, in_b) + Cost(0.0, in_b * r * k + F32 * r * k + F32 * r * k)
+  if gelu:
+    c += gemm_fl(r, k, n)
+  return c
 
 
 def attn_xla(b, h, lq, lk, dh, backward=False) -> Cost:
@@ -189,19 +236,86 @@ def _block_ops(md: Model, path: str, backward: bool) -> dict:
   return ops
 
 
+def _block_ops_fused_linear(md: Model, backward: bool) -> dict:
+  """{op: Cost} of one block on the Triton path as it was before commit 331d782: every
+  projection and MLP GEMM a `fused_linear` launch (gemm_fl / gemm_fl_bwd), the attention
+  cores the Triton kernels (as now). The read's K/V are a fused_linear GEMM written to HBM
+  (the composed read that training ran then). Generous to fused_linear: its 64x64x32,
+  2-stage tiles are assumed to run at the bf16 peak wherever the grid fills the chip."""
+  b, m, d, n, t = md.batch, md.m, md.d, md.n, md.t
+  w = min(d, t)
+  dh = w // md.rw_heads
+  ldh = d // md.latent_heads
+  ops = {}
+  if not backward:
+    ops["read"] = (gemm_fl(b * m, d, w) + gemm_fl(b * n, t, 2 * w)
+                   + gemm_fl(b * m, w, d, extra=F32 * b * m * d)
+                   + attn_triton(b, md.rw_heads, m, n, dh))
+    wr = (gemm_fl(b * n, t, w) + gemm_fl(b * m, d, 2 * w)
+          + gemm_fl(b * n, w, t, out_b=F32, extra=S * b * n * t))
+    if md.t_mlp:
+      wr += (gemm_fl(b * n, t, md.t_mlp, in_b=F32)
+             + gemm_fl(b * n, md.t_mlp, t, out_b=S, extra=F32 * b * n * t))
+  else:
+    ops["read"] = (gemm_fl_bwd(b * m, d, w, with_ln=True) + gemm_fl_bwd(b * m, w, d)
+                   + gemm_fl_bwd(b * n, t, 2 * w)
+                   + attn_triton(b, md.rw_heads, m, n, dh, True))
+    wr = (gemm_fl_bwd(b * n, t, w, with_ln=True) + gemm_fl_bwd(b * m, d, 2 * w)
+          + gemm_fl_bwd(b * n, w, t))
+    if md.t_mlp:
+      wr += (gemm_fl_bwd(b * n, t, md.t_mlp, in_b=F32, with_ln=True, gelu=True)
+             + gemm_fl_bwd(b * n, md.t_mlp, t))
+  ops["latent_attn"] = attn_triton(b, md.latent_heads, m, m, ldh, backward) * md.latent_layers
+  ops["write"] = wr + attn_triton(b, md.rw_heads, n, m, dh, backward)
+  return ops
+
+
+PATHS = ("xla", "triton", "triton_fused_linear")
+
+
 def step_estimate(md: Model, kind: str) -> dict:
-  """{path: {op: Cost}} of one train or sample step's kernel-backed work."""
+  """{path: {op: Cost}} of one train or sample step's kernel-backed work, for the xla
+  path, the Triton path (XLA GEMMs + Triton attention) and the Triton path as it was
+  before 331d782 (fused_linear GEMMs)."""
   out = {}
-  for path in ("xla", "triton"):
+  for path in PATHS:
     tot: dict = {}
     passes = [(False, 2 if kind == "train" else 1)]
     if kind == "train":
       passes.append((True, 1))
     for backward, times in passes:
-      for op, c in _block_ops(md, path, backward).items():
+      ops = (_block_ops_fused_linear(md, backward) if path == "triton_fused_linear"
+             else _block_ops(md, path, backward))
+      for op, c in ops.items():
         tot[op] = tot.get(op, Cost()) + c * (times * md.blocks)
     out[path] = tot
   return out
+
+
+def _total_seconds(ops: dict) -> float:
+  return sum(c.seconds for c in ops.values())
+
+
+def break_even_efficiency(md: Model, kind: str) -> float | None:
+  """The lowest FL_EFFICIENCY at which the fused_linear path's step is no slower than
+  the XLA-GEMM Triton path's (None: slower even at the peak). Bisection, 1e-3."""
+  global FL_EFFICIENCY
+  saved = FL_EFFICIENCY
+  try:
+    def fl_wins(e):
+      global FL_EFFICIENCY
+      FL_EFFICIENCY = e
+      est = step_estimate(md, kind)
+      return _total_seconds(est["triton_fused_linear"]) <= _total_seconds(est["triton"])
+    if not fl_wins(1.0):
+      return None
+    lo, hi = 0.0, 1.0
+    while hi - lo > 1e-3:
+      mid = (lo + hi) / 2
+      lo, hi = (lo, mid) if fl_wins(mid) else (mid, hi)
+    return hi
+  finally:
+    FL_EFFICIENCY = saved
 
 
 def fused_vs_composed_read(md: Model) -> tuple[Cost, Cost]:
@@ -243,6 +357,38 @@ def markdown(variant_rows, steps) -> str:
       lines.append(f"| {name} | {op} | {x.flops / 1e9:.1f} | {x.bytes / 1e6:.0f} | "
                    f"{xt * 1e6:.1f} | {tr.flops / 1e9:.1f} | {tr.bytes / 1e6:.0f} | "
                    f"{tt * 1e6:.1f} | {xt / tt:.2f} |")
+  lines += [
+      "", "## Decision: the blocks' GEMMs in Triton (`fused_linear`, before 331d782) or XLA",
+      "",
+      "The same steps with every projection and MLP GEMM of the blocks a `fused_linear` "
+      "launch (64x64 output tiles, reduction serial per CTA; LN / GELU / residual fused; "
+      "assumed at the bf16 peak wherever its grid fills the 132 SMs, scaled by the fill "
+      "where it does not: the weight gradients' 16-32 CTAs) against the Triton path as it "
+      "is (cuBLAS GEMMs via XLA, separate LN fusions). Attention cores Triton in both.",
+      "",
+      "| step | op | fused_linear GFLOP | fused_linear MB | fused_linear us | "
+      "XLA-GEMM triton us | xla us | fused_linear / XLA-GEMM triton |",
+      "|---|---|---:|---:|---:|---:|---:|---:|",
+  ]
+  for name, est in steps:
+    fl, ts, xs = est["triton_fused_linear"], est["triton"], est["xla"]
+    for op in list(fl) + ["total"]:
+      if op == "total":
+        f = sum(fl.values(), Cost())
+        ft, tt, xt = (sum(c.seconds for c in e.values()) for e in (fl, ts, xs))
+      else:
+        f = fl[op]
+        ft, tt, xt = fl[op].seconds, ts[op].seconds, xs[op].seconds
+      lines.append(f"| {name} | {op} | {f.flops / 1e9:.1f} | {f.bytes / 1e6:.0f} | "
+                   f"{ft * 1e6:.1f} | {tt * 1e6:.1f} | {xt * 1e6:.1f} | {ft / tt:.2f} |")
+  lines += ["", "fused_linear's tile efficiency (fraction of the bf16 peak with a full grid) "
+            "at which its step would tie the XLA-GEMM Triton path (cuBLAS at the peak):", ""]
+  for md in MODELS:
+    for kind in ("train", "sample"):
+      e = break_even_efficiency(md, kind)
+      lines.append(f"- {md.name}_{kind} B={md.batch}: " + (
+          "none: slower even at 100% (the weight gradients' under-filled grids)" if e is None
+          else f"{100 * e:.0f}% or more"))
   lines += ["", "## Fused read (K/V projection inside the attention) vs composed, forward",
             "", "| model | fused us | composed us | composed / fused |", "|---|---:|---:|---:|"]
   for md in MODELS:

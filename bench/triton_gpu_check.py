@@ -117,8 +117,6 @@ def main(argv=None):
   cases = cases[:1] if a.quick else cases
   rows = []
   for dt in a.dtypes.split(","):
-    if a.interpret and dt == "bfloat16":
-      continue  # the interpreter's bf16 dot is wrong
     for s in cases:
       r = check(s, jnp.dtype(dt), a.batch, a.interpret, a.iters)
       print(r, flush=True)

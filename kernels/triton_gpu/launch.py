@@ -183,6 +183,34 @@ def _restore_triton_language():
         setattr(obj, name, val)
 
 
+@contextlib.contextmanager
+def _exact_bf16_dot():
+  """Makes the interpreter's tl.dot take bf16 operands by value. Triton's interpreter (3.8)
+  holds bf16 tensors as their raw uint16 bits and its `create_dot` multiplies those bits as
+  integers (a 16x32 @ 32x16 product comes out ~1e10 off); every other bf16 step it runs
+  (loads, stores, casts) converts correctly. Here bf16 operands are widened to fp32 first
+  (exact), then multiplied and accumulated in fp32: what a bf16 tensor-core dot computes,
+  up to the order of the fp32 sums. Call with _INTERP_LOCK held; undone on exit."""
+  from triton.runtime import interpreter as ti
+  import triton.language as tl
+  cls = ti.InterpreterBuilder
+  original = cls.create_dot
+
+  def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+    if tl.bfloat16 in (a.dtype.scalar, b.dtype.scalar):
+      wide = lambda h: (ti.TensorHandle(
+          ti._convert_float(h.data, tl.bfloat16, tl.float32, None).view(np.float32),
+          tl.float32) if h.dtype.scalar == tl.bfloat16 else h)
+      a, b = wide(a), wide(b)
+    return original(self, a, b, d, input_precision, max_num_imprecise_acc)
+
+  cls.create_dot = create_dot
+  try:
+    yield
+  finally:
+    cls.create_dot = original
+
+
 def _to_torch(a: np.ndarray):
   import torch
   a = np.ascontiguousarray(a)
@@ -217,7 +245,8 @@ def _interpret_launch(kernel, grid, inputs, out_shapes, constexprs):
     import torch
     args = [_to_torch(np.asarray(a)) for a in arrays]
     outs = [torch.zeros(s.shape, dtype=_torch_dtype(s.dtype)) for s in out_shapes]
-    with _INTERP_LOCK, _interpreted_stdlib():  # both patch triton.language
+    # All three patch triton's interpreter / triton.language, and undo it on exit.
+    with _INTERP_LOCK, _interpreted_stdlib(), _exact_bf16_dot():
       interpreted(kernel)[grid](*args, *outs, **constexprs)
     return tuple(_from_torch(o, s.dtype) for o, s in zip(outs, out_shapes))
   return jax.pure_callback(callback, tuple(out_shapes), *inputs,

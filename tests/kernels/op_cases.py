@@ -24,11 +24,16 @@ from kernels.params import ReadBlockParams, WriteBlockParams
 #   xla: the jax.numpy reference vs a hand-written NumPy float64 oracle.
 #   pallas_tpu: Pallas' interpreter (fp32 dots exact on CPU; bf16 operands, fp32
 #     accumulation, bf16 outputs).
-#   triton: Triton's CPU interpreter (fp32 and fp16 only: its bf16 dot is wrong).
+#   triton: Triton's CPU interpreter (its bf16 tl.dot is made exact by
+#     kernels/triton_gpu/launch.py's _exact_bf16_dot). bf16 as fp16: measured needs, forward
+#     0.006-0.009 (write block over M=70/130 latents, attention q7_k200_d72), gradients up
+#     to 0.061 (the read block's dX at a key row whose terms cancel; XLA's own bf16 needs
+#     0.034 at that row), under 2e-2 and 4 x 2e-2.
 TOLERANCES = {
     "xla": {jnp.dtype(jnp.float32): 1e-5},
     "pallas_tpu": {jnp.dtype(jnp.float32): 1e-4, jnp.dtype(jnp.bfloat16): 3e-2},
-    "triton": {jnp.dtype(jnp.float32): 5e-5, jnp.dtype(jnp.float16): 2e-2},
+    "triton": {jnp.dtype(jnp.float32): 5e-5, jnp.dtype(jnp.float16): 2e-2,
+               jnp.dtype(jnp.bfloat16): 2e-2},
 }
 GRAD_FACTOR = {"xla": 1, "pallas_tpu": 1, "triton": 4}
 

@@ -3,9 +3,10 @@
 Every kernel runs forward and backward (jax.grad -> custom_vjp -> Triton backward
 kernels) against the float64 jax.numpy reference (kernels/reference.py), on the
 published RIN block shapes (batch 1) and odd ones (lengths 1, 7, 200, 1000; head
-dim 72). fp32 and fp16 only: the interpreter's bf16 tl.dot is wrong (DESIGN.md);
-bf16 is covered by the compile report / lint (tests/kernels/test_triton_lint.py) and by
-the GPU script (bench/triton_gpu_check.py). Shapes, inputs, the oracle and the comparison
+dim 72). fp32, fp16 and bf16: the interpreter's own bf16 tl.dot multiplies raw bits
+(DESIGN.md); kernels/triton_gpu/launch.py widens bf16 dot operands to fp32 exactly while
+it interprets (test_interpreter_bf16_dot_is_exact_and_undone). The compile report / lint
+(tests/kernels/test_triton_lint.py) checks what the bf16 kernels compile to. Shapes, inputs, the oracle and the comparison
 rule are the shared op test base's (tests/kernels/op_cases.py); this file adds what is
 Triton's own: its odd tile boundaries, block-size rules, vmap folding, the interpreter.
 """
@@ -61,8 +62,9 @@ def test_attention_odd_fp32(b, lq, lk, h, dh):
   _check_attention(b, lq, lk, h, dh, jnp.float32)
 
 
-def test_attention_fp16_odd():
-  _check_attention(1, 7, 200, 2, 72, jnp.float16)
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16], ids=["fp16", "bf16"])
+def test_attention_low_precision_odd(dtype):
+  _check_attention(1, 7, 200, 2, 72, dtype)
 
 
 @pytest.mark.slow
@@ -103,8 +105,9 @@ def test_blocks_odd_fp32(direction, shape):
   _check_block(direction, shape, jnp.float32)
 
 
-def test_write_block_fp16():
-  _check_block("write", (1, 16, 48, 40, 32, 2, 64, 64), jnp.float16)
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16], ids=["fp16", "bf16"])
+def test_write_block_low_precision(dtype):
+  _check_block("write", (1, 16, 48, 40, 32, 2, 64, 64), dtype)
 
 
 def test_vmap_and_grad_through_attention():
@@ -212,3 +215,148 @@ def test_default_tiles_fit_shared_memory_at_float32(dh):
   bwd = plan.num_stages * 2 * plan.block_q_bwd * d * item + 2 * plan.block_kv_bwd * d * item
   assert max(fwd, bwd) <= min(config.SMEM_LIMIT_BYTES.values())
   assert plan.block_q >= 16 and plan.block_kv >= 16
+
+
+def _write_attention_launches(shape, dtype, block_sizes):
+  """The _attn_fwd_kernel launches of one write block at `shape` (traced, nothing run)."""
+  from kernels.triton_gpu.launch import clear_caches, record_launches
+  batch, m, d, n, t, heads, width, hidden = shape
+  (x, z, p), _ = oc.block_inputs(0, "write", batch, m, d, n, t, width, hidden, dtype)
+  clear_caches()
+  with record_launches() as recs:
+    jax.make_jaxpr(lambda x, z, p: kernels.write_block(x, z, p, num_heads=heads,
+                                                       block_sizes=block_sizes, **TRITON))(
+                                                           x, z, p)
+  clear_caches()
+  return [dict(r.constexprs) for r in recs if r.kernel.__name__ == "_attn_fwd_kernel"]
+
+
+# The write block's attention over M latent keys, through the public op (forward and
+# backward against the float64 oracle). M = 70: the one-pass softmax (one 128-key tile,
+# 58 masked keys); M = 130: the online softmax over three 64-key tiles in one program, the
+# plan a real batch gets (B * N / 64 * H >= 264 programs: kv_splits = 1), forced here at
+# batch 1, where the default plan gives each key tile its own split (one-pass softmax per
+# split, merged by the combine kernel: the third case) and would never rescale.
+# (batch, m, d, n, t, heads, width, mlp_hidden): odd N, head_dim 24 (padded to 32), MLP on.
+# Checked by breaking the kernel (2026-12-03): with the rescale deleted from
+# attention_kernels.online_softmax_step, m130_online_3_tiles fails in every dtype
+# (forward rms err 0.031 against a bound of 0.029 at fp16/bf16, 0.00007 at fp32) and no
+# other write-block test does; with the one-pass branch's key mask dropped, m70 and
+# m130_3_splits fail.
+WRITE_KEYS = [
+    pytest.param(70, None, dict(ONE_PASS=True, BLOCK_N=128), id="m70_one_pass"),
+    pytest.param(130, triton_gpu.BlockSizes(kv_splits=1),
+                 dict(ONE_PASS=False, BLOCK_N=64, SPLIT_LEN=192), id="m130_online_3_tiles"),
+    pytest.param(130, None, dict(ONE_PASS=True, BLOCK_N=64, SPLIT_LEN=64),
+                 id="m130_3_splits_combined"),
+]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16, jnp.bfloat16],
+                         ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("m,block_sizes,want", WRITE_KEYS)
+def test_write_block_over_many_latent_keys(m, block_sizes, want, dtype):
+  shape = (1, m, 40, 33, 24, 2, 48, 32)
+  launches = _write_attention_launches(shape, dtype, block_sizes)
+  assert launches and all(c["LK"] == m for c in launches), launches
+  for c in launches:
+    assert {k: c[k] for k in want} == want, c
+  fn = lambda x, z, p: kernels.write_block(x, z, p, num_heads=2, block_sizes=block_sizes,
+                                           **TRITON)
+  oc.check_block(fn, "write", shape, dtype, backend="triton")
+
+
+def test_interpreter_bf16_dot_is_exact_and_undone():
+  """Triton's interpreter multiplies bf16 dot operands as raw uint16 bits; the interpreted
+  launch widens them to fp32 first (exact) and puts the interpreter's create_dot back."""
+  import numpy as np
+  import triton
+  import triton.language as tl
+  from triton.runtime import interpreter as ti
+  from kernels.triton_gpu.launch import launch
+
+  @triton.jit
+  def mm(a_ptr, b_ptr, c_ptr, M: tl.constexpr, N: tl.constexpr, K: tl.constexpr):
+    m, n, k = tl.arange(0, M), tl.arange(0, N), tl.arange(0, K)
+    a = tl.load(a_ptr + m[:, None] * K + k[None, :])
+    b = tl.load(b_ptr + k[:, None] * N + n[None, :])
+    tl.store(c_ptr + m[:, None] * N + n[None, :], tl.dot(a, b))
+
+  before = ti.InterpreterBuilder.create_dot
+  a = jax.random.normal(jax.random.key(0), (16, 32)).astype(jnp.bfloat16)
+  b = jax.random.normal(jax.random.key(1), (32, 16)).astype(jnp.bfloat16)
+  (c,) = launch(mm, (1,), (a, b), (jax.ShapeDtypeStruct((16, 16), jnp.float32),),
+                interpret=True, M=16, N=16, K=32)
+  want = np.asarray(a, np.float64) @ np.asarray(b, np.float64)
+  # Products of bf16 values are exact in fp32; only the fp32 sums round.
+  np.testing.assert_allclose(np.asarray(c, np.float64), want, rtol=0, atol=1e-5)
+  assert ti.InterpreterBuilder.create_dot is before
+
+
+def _dot_eqns(jaxpr):
+  """Every dot_general equation of a (closed) jaxpr, sub-jaxprs included."""
+  from jax.extend import core as jcore
+  out = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      out.append(eqn)
+    for v in eqn.params.values():
+      for sub in (v if isinstance(v, (tuple, list)) else (v,)):
+        if isinstance(sub, jcore.ClosedJaxpr):
+          out += _dot_eqns(sub.jaxpr)
+        elif isinstance(sub, jcore.Jaxpr):
+          out += _dot_eqns(sub)
+  return out
+
+
+@pytest.mark.parametrize("precision,prec,lax_prec", [
+    (None, "tf32", None), ("highest", "ieee", jax.lax.Precision.HIGHEST)])
+def test_precision_policy_of_the_triton_blocks(precision, prec, lax_prec):
+  """kernels/precision.py on the Triton path, forward and backward: fp32 blocks run every
+  Triton dot at tf32 (ieee under "highest") and every XLA GEMM at default precision
+  (HIGHEST under "highest"); bf16 blocks with fp32 params feed every dot, Triton's and
+  XLA's, bf16 operands (params cast once per call)."""
+  from kernels.triton_gpu.launch import clear_caches, record_launches
+
+  def traced(dtype):
+    (x, z, pw), _ = oc.block_inputs(0, "write", 2, 16, 32, 40, 24, 32, 48, jnp.float32)
+    (zr, xr, pr), _ = oc.block_inputs(0, "read", 2, 16, 32, 40, 24, 32, 0, jnp.float32)
+    def loss(x, z, pw, zr, xr, pr):
+      w = kernels.write_block(x.astype(dtype), z.astype(dtype), pw, num_heads=2,
+                              precision=precision, **TRITON)
+      r = kernels.read_block(zr.astype(dtype), xr.astype(dtype), pr, num_heads=2,
+                             precision=precision, **TRITON)
+      return jnp.sum(w.astype(jnp.float32) ** 2) + jnp.sum(r.astype(jnp.float32) ** 2)
+    clear_caches()
+    with record_launches() as recs:
+      jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5)))(x, z, pw, zr, xr, pr)
+    clear_caches()
+    return recs, _dot_eqns(jaxpr.jaxpr)
+
+  recs, dots = traced(jnp.float32)
+  kinds = {r.kernel.__name__ for r in recs}
+  assert {"_read_attn_kernel", "_attn_fwd_kernel", "_attn_bwd_dkdv_kernel",
+          "_attn_bwd_dq_kernel"} <= kinds, kinds
+  dot_kernels = [r for r in recs if "PREC" in dict(r.constexprs)]
+  assert dot_kernels and all(dict(r.constexprs)["PREC"] == prec for r in dot_kernels)
+  assert dots
+  for e in dots:
+    p = e.params["precision"]
+    got = None if p is None else tuple(set(p))
+    assert got in ((None,), None, (jax.lax.Precision.DEFAULT,)) if lax_prec is None \
+        else got == (lax_prec,), (got, e)
+
+  recs, dots = traced(jnp.bfloat16)
+  # The dot operands of each kernel (by position): q, k, v (and dO in the backward); the
+  # fused read's q, x, Wk, Wv. Biases, lse and delta stay fp32.
+  operands = {"_attn_fwd_kernel": (0, 1, 2), "_attn_bwd_dkdv_kernel": (0, 1, 2, 3),
+              "_attn_bwd_dq_kernel": (0, 1, 2, 3), "_read_attn_kernel": (0, 1, 2, 4)}
+  seen = set()
+  for r in recs:
+    name = r.kernel.__name__
+    if "PREC" in dict(r.constexprs):
+      seen.add(name)
+      assert [r.in_dtypes[i] for i in operands[name]] == ["bfloat16"] * len(operands[name]), r
+  assert seen == set(operands), seen
+  for e in dots:
+    assert [v.aval.dtype for v in e.invars] == [jnp.bfloat16] * 2, e

@@ -6,9 +6,9 @@
   same kernel with STORE_KV, then the attention backward kernels), against the float64
   reference, with the op test base's rule (op_cases.assert_close: per value). Shapes:
   several key tiles in one split (the online-softmax rescale runs), several splits
-  (combine), two query blocks, T in several chunks, head dim 72, batch 2; fp32 and fp16
-  in the gate (the interpreter's bf16 dot is wrong, DESIGN.md), a real-batch and a
-  long-N case in the slow tier.
+  (combine), two query blocks, T in several chunks, head dim 72, batch 2; fp32, fp16 and
+  bf16 in the gate (bf16 dots made exact in the interpreter by launch._exact_bf16_dot),
+  a real-batch and a long-N case in the slow tier.
 * What launches: the forward never writes K/V, training launches the same fused kernel.
 * The selection rule and its logged fallback.
 """
@@ -128,8 +128,9 @@ def test_small_published_like_fp32():
   check(SMALL_PUBLISHED_LIKE, jnp.float32)
 
 
-def test_small_published_like_fp16():
-  check(SMALL_PUBLISHED_LIKE, jnp.float16)
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16], ids=["fp16", "bf16"])
+def test_small_published_like_low_precision(dtype):
+  check(SMALL_PUBLISHED_LIKE, dtype)
 
 
 @pytest.mark.parametrize("shape,overrides", ODD)
@@ -137,8 +138,9 @@ def test_odd_fp32(shape, overrides):
   check(shape, jnp.float32, **overrides)
 
 
-def test_odd_fp16_several_tiles():
-  check((1, 7, 40, 200, 24, 2, 64), jnp.float16, block_n=16, kv_splits=2)
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16], ids=["fp16", "bf16"])
+def test_odd_low_precision_several_tiles(dtype):
+  check((1, 7, 40, 200, 24, 2, 64), dtype, block_n=16, kv_splits=2)
 
 
 @pytest.mark.slow
