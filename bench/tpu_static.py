@@ -380,6 +380,9 @@ def _libtpu_env(gen: str, flags: str = ""):
   env["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"     # other compiles on this host hold the lockfile
   env["LIBTPU_INIT_ARGS"] = (env.get("LIBTPU_INIT_ARGS", "") + " " + flags).strip()
   env["JAX_PLATFORMS"] = "cpu"                # deviceless: the TPU is only a compile target
+  # The kernels size their VMEM budget (kernels.pallas_tpu.common.vmem_limit_bytes) by the
+  # target generation; the default device here is the CPU, so name the target.
+  env["RIN_TPU_GENERATION"] = gen
   return env
 
 

@@ -65,24 +65,71 @@ def test_attention_odd_shapes_fp32(shape):
 
 
 def test_attention_streamed_keys_small_blocks_fp32():
-  # Several query blocks and several key blocks, partial last key block.
-  check_attention((1, 20, 300, 2, 32), jnp.float32,
-                  block_sizes=P.AttentionBlockSizes(block_q=8, block_k=128))
+  # Two query blocks (the last partial) and three key blocks (the last partial).
+  check_attention((1, 150, 300, 2, 32), jnp.float32,
+                  block_sizes=P.AttentionBlockSizes(block_q=128, block_k=128))
+
+
+@pytest.mark.parametrize("head_dim", [32, 48, 64])
+def test_attention_odd_lengths_head_dims_fp32(head_dim):
+  # Lengths that are no multiple of any block, at the head dims of the configs (32, 48)
+  # and 64; batch and head blocks of 2 with streamed, partial key blocks.
+  check_attention((2, 13, 150, 2, head_dim), jnp.float32,
+                  block_sizes=P.AttentionBlockSizes(block_k=128, block_b=2))
 
 
 @pytest.mark.parametrize("block_h", [1, 2, None], ids=["h1", "h2", "default"])
 def test_attention_head_blocks_fp32(block_h):
   # Several heads per grid step (4 heads, streamed partial key blocks): fwd and all grads.
   check_attention((2, 9, 200, 4, 16), jnp.float32,
-                  block_sizes=P.AttentionBlockSizes(block_q=8, block_k=128, block_h=block_h))
+                  block_sizes=P.AttentionBlockSizes(block_k=128, block_h=block_h))
 
 
-def test_attention_head_block_rules():
+@pytest.mark.parametrize("block_b", [1, 3, None], ids=["b1", "b3", "default"])
+def test_attention_batch_blocks_fp32(block_b):
+  # Several (batch, head) pairs per grid step: 3 batch elements x 2 heads, two query
+  # blocks and two key blocks (both partial), so each step's online softmax, lse rows
+  # and dK/dV accumulation cover pairs of different batch elements.
+  check_attention((3, 130, 150, 2, 16), jnp.float32,
+                  block_sizes=P.AttentionBlockSizes(block_q=128, block_k=128, block_b=block_b))
+
+
+def test_attention_block_rules():
   bs = P.AttentionBlockSizes().resolve(128, 128)
   assert bs.with_heads(16).block_h == 16            # 16 x 128 x 128 scores fit one step
   assert P.AttentionBlockSizes().resolve(512, 2048).with_heads(16).block_h == 2  # 256 x 2048
   with pytest.raises(ValueError, match="block_h=3 must be a positive divisor"):
     P.AttentionBlockSizes(block_h=3).resolve(8, 8).with_heads(4)
+  # Batch blocks: the CIFAR-10 latent self-attention (16 heads, 128 x 128) at batch 32
+  # takes 2 batch elements per step (2^19 scores); a batch of 2 with one step per batch
+  # element keeps 2 parallel steps (one per TensorCore); a batch of 1 takes 1.
+  lat = bs.with_heads(16)
+  assert lat.with_batch(32, 16, 1).block_b == 2
+  assert lat.with_batch(2, 16, 1).block_b == 1
+  assert lat.with_batch(1, 16, 1).block_b == 1
+  small = P.AttentionBlockSizes().resolve(8, 8).with_heads(1)     # 128 x 128 vreg-padded
+  assert small.with_batch(64, 1, 1).block_b == 32                 # 2^19 / 2^14, 2 steps
+  assert small.with_batch(8, 1, 1).block_b == 4                   # 8 / 4 = 2 parallel steps
+  assert small.with_batch(8, 1, 1, fits=lambda b: b.block_b <= 2).block_b == 2
+  with pytest.raises(ValueError, match="block_b=3 must be a positive divisor of the batch 4"):
+    P.AttentionBlockSizes(block_b=3).resolve(8, 8).with_heads(1).with_batch(4, 1, 1)
+  # Queries lie on lanes: a block that does not cover them all is a multiple of 128.
+  with pytest.raises(ValueError, match=r"block_q=8 must be a multiple of 128 when it does "
+                                       r"not cover all 20 queries"):
+    P.AttentionBlockSizes(block_q=8).resolve(20, 8)
+  assert P.AttentionBlockSizes(block_q=64).resolve(20, 8).block_q == 24   # one block
+
+
+def test_attention_row_statistics_are_lane_dense():
+  # The saved log-sum-exp is [B, H, 1, Lq] f32 (a query per lane), not [B, H, Lq, 1];
+  # the forward's output leaves the kernel as [B, H, D, Lq].
+  from kernels.pallas_tpu import attention as A
+  q = jax.ShapeDtypeStruct((2, 3, 256, 32), jnp.bfloat16)
+  bs = A.AttentionBlockSizes().resolve(256, 256).with_heads(3).with_batch(2, 3, 1)
+  o_t, lse = jax.eval_shape(functools.partial(
+      A._fwd_call, scale=1.0, kv_len=256, bs=bs, interpret=True), q, q, q)
+  assert lse.shape == (2, 3, 1, 256) and lse.dtype == jnp.float32
+  assert o_t.shape == (2, 3, 32, 256) and o_t.dtype == jnp.bfloat16
 
 
 @pytest.mark.parametrize("shape", [(1, 7, 200, 2, 72), (1, 64, 256, 2, 32)], ids=str)
@@ -179,8 +226,8 @@ def _races_found():
 
 def test_tpu_interpreter_with_race_detection():
   ip = pltpu.InterpretParams(detect_races=True, on_race="warn")
-  check_attention((1, 20, 300, 2, 32), jnp.float32, interpret=ip,
-                  block_sizes=P.AttentionBlockSizes(block_q=8, block_k=128))
+  check_attention((2, 20, 300, 2, 32), jnp.float32, interpret=ip,
+                  block_sizes=P.AttentionBlockSizes(block_k=128, block_b=2))
   assert not _races_found()
   check_block("write", (1, 8, 16, 20, 16, 2, 16, 32), jnp.float32, interpret=ip,
               block_sizes=P.WriteBlockSizes(block_n=8))
@@ -238,6 +285,60 @@ def test_vmem_budget_refuses_blocks_that_do_not_fit():
     jax.eval_shape(lambda z, x, p: P.read_block(z, x, p, num_heads=s.rw_heads,
                                                 block_sizes=P.ReadBlockSizes(8192, 8192)),
                    zr, x, pr)
+
+
+def test_vmem_budget_per_generation(monkeypatch):
+  from kernels.pallas_tpu import common as C
+  mib = 2**20
+  # 3/4 of each generation's VMEM per TensorCore: v5e/v6e 128 MiB, v5p/v7x 64, v4 16.
+  assert {g: C.vmem_limit_bytes(g) // mib for g in ("v4", "v5e", "v5p", "v6e", "v7x")} == {
+      "v4": 12, "v5e": 96, "v5p": 48, "v6e": 96, "v7x": 48}
+  assert C.vmem_limit_bytes("v7x") < 64 * mib     # v7x has 64 MiB per core in all
+  # The capacities are jax's own hardware table's.
+  for g, chip in (("v5e", "v5e"), ("v5p", "v5p"), ("v6e", "v6e"), ("v7x", "7x")):
+    info = pltpu.get_tpu_info_for_chip(pltpu.ChipVersion(chip), 1)
+    assert info.vmem_capacity_bytes == C.VMEM_CAPACITY_MIB[g] * mib, g
+  # No TPU known (this CPU host): the smallest target budget, which fits them all.
+  monkeypatch.delenv("RIN_TPU_GENERATION", raising=False)
+  assert C.tpu_generation() is None and C.vmem_limit_bytes() == 48 * mib == C.VMEM_LIMIT_BYTES
+  # An attention block of ~73 MiB: fits v5e's budget, not v7x's; the error names the
+  # kernel, the block sizes, the estimate, the budget and the generation.
+  big = jax.ShapeDtypeStruct((1, 2048, 1, 128), jnp.float32)
+  bs = P.AttentionBlockSizes(block_q=2048, block_k=2048)
+  # A fresh function each time: eval_shape caches traces by function, and the budget is
+  # read at trace time.
+  attend = lambda: jax.eval_shape(lambda q, k, v: P.cross_attention(q, k, v, block_sizes=bs),
+                                  big, big, big)
+  monkeypatch.setenv("RIN_TPU_GENERATION", "v5e")
+  assert attend().shape == big.shape
+  assert C.compiler_params("parallel").vmem_limit_bytes == 96 * mib
+  monkeypatch.setenv("RIN_TPU_GENERATION", "v7x")
+  assert C.compiler_params("parallel").vmem_limit_bytes == 48 * mib
+  with pytest.raises(ValueError, match=r"pallas_tpu.cross_attention: block_sizes=Attention"
+                     r"BlockSizes\(block_q=2048, block_k=2048, block_h=1, block_b=1\) need "
+                     r"about 7\d\.\d MiB of VMEM .* more than the 48 MiB budget of TPU v7x"):
+    attend()
+  monkeypatch.delenv("RIN_TPU_GENERATION")
+  with pytest.raises(ValueError, match=r"48 MiB budget of the smallest of v5e, v5p, v6e, v7x"):
+    attend()
+  # The default head and batch blocks shrink to fit the budget instead of failing: the
+  # CIFAR-10 latent self-attention takes 16 heads x 2 batch elements a step on v5e, fewer
+  # heads on v4 (12 MiB).
+  from kernels.pallas_tpu import attention as A
+  d_bs = A.AttentionBlockSizes().resolve(128, 128)
+  for gen, hb, bb in (("v5e", 16, 2), ("v4", 8, 1)):
+    budget = C.vmem_limit_bytes(gen)
+    fits = lambda b: A.vmem_estimate(b, 32, jnp.float32) <= budget
+    got = d_bs.with_heads(16, fits).with_batch(32, 16, 1, fits)
+    assert (got.block_h, got.block_b) == (hb, bb), (gen, got)
+  monkeypatch.setenv("RIN_TPU_GENERATION", "v4")
+  q = jax.ShapeDtypeStruct((32, 128, 16, 32), jnp.float32)
+  assert jax.eval_shape(lambda q: P.cross_attention(q, q, q), q).shape == q.shape
+  monkeypatch.setenv("RIN_TPU_GENERATION", "v9")
+  with pytest.raises(ValueError, match=r"RIN_TPU_GENERATION='v9' is not one of"):
+    C.vmem_limit_bytes()
+  with pytest.raises(ValueError, match=r"generation 'v9' is not one of"):
+    C.vmem_limit_bytes("v9")
 
 
 # ----------------------------------------------------------------------------
