@@ -208,3 +208,35 @@ def check_block(name: str, value: int, multiple: int, block_sizes) -> None:
   if not isinstance(value, int) or value < 1 or value % multiple:
     raise ValueError(f"block_sizes.{name}={value!r} must be a positive multiple of "
                      f"{multiple} (TPU blocks tile (8, 128)); got {block_sizes}")
+
+
+# ----------------------------------------------------------------------------
+# Per-core partial accumulators (megacore chips: v4, v5p). A kernel that accumulates
+# weight gradients over its whole grid must run that grid sequentially; a leading
+# "parallel" axis of `num_partials` independent accumulators lets each TensorCore own
+# one, and XLA sums them after the call.
+# ----------------------------------------------------------------------------
+
+DEFAULT_NUM_PARTIALS = 2
+
+
+def check_num_partials(value, block_sizes) -> None:
+  if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    raise ValueError(f"block_sizes.num_partials={value!r} must be a positive int (the "
+                     f"number of per-core weight-gradient accumulators); got {block_sizes}")
+
+
+def batch_partials(num_partials: int, batch: int) -> tuple[int, int]:
+  """(partials, batch elements per partial) splitting `batch` over at most `num_partials`
+  accumulators; the batch is zero-padded to partials * per-partial when they do not
+  divide it (pad_axis), which the weight-gradient kernels treat as exact zeros."""
+  parts = max(1, min(num_partials, batch))
+  return parts, -(-batch // parts)
+
+
+def partial_spec(shape):
+  """BlockSpec of one partial accumulator [num_partials, *shape] on a grid whose first
+  axis is the partial: the kernel sees `shape` (leading dim squeezed)."""
+  from jax.experimental import pallas as pl   # local: keeps this addition self-contained
+  shape = tuple(shape)
+  return pl.BlockSpec((pl.Squeezed(),) + shape, lambda p, *_: (p,) + (0,) * len(shape))

@@ -180,6 +180,71 @@ def test_write_block_several_tiles_fp32():
               block_sizes=P.WriteBlockSizes(block_n=64))
 
 
+# Lane-dense projections (heads as lane slices of [rows, heads * head_dim]) and the per-core
+# partial weight-gradient accumulators: a batch the partials do not divide (padded), more
+# partials than batch elements, head dims 32 and 48, odd token counts, several blocks.
+PARTIAL_CASES = [
+    ("read", (3, 9, 48, 300, 40, 2, 96, 0), P.ReadBlockSizes(8, 128, num_partials=2)),
+    ("read", (2, 12, 32, 150, 32, 3, 96, 0), P.ReadBlockSizes(8, 128, num_partials=3)),
+    ("write", (3, 9, 32, 200, 48, 3, 96, 64), P.WriteBlockSizes(64, num_partials=2)),
+    ("write", (3, 7, 40, 30, 40, 2, 96, 0), P.WriteBlockSizes(16, num_partials=3)),
+]
+
+
+@pytest.mark.parametrize("direction,shape,bs", PARTIAL_CASES, ids=str)
+def test_block_partials_fp32(direction, shape, bs):
+  check_block(direction, shape, jnp.float32, block_sizes=bs)
+
+
+@pytest.mark.parametrize("direction,shape,bs", [
+    ("read", (3, 16, 64, 200, 64, 2, 64, 0), P.ReadBlockSizes(num_partials=2)),
+    ("write", (3, 16, 64, 100, 96, 2, 96, 128), P.WriteBlockSizes(32, num_partials=2)),
+], ids=str)
+def test_block_partials_bf16(direction, shape, bs):
+  check_block(direction, shape, jnp.bfloat16, block_sizes=bs)
+
+
+def _weight_grad_kernels(direction, batch, bs):
+  """(grid, dimension_semantics) of each weight-gradient kernel in the block's gradient."""
+  shape = (batch, 9, 32, 200, 32, 2, 64, 32)
+  args, _ = oc.block_inputs(0, direction, *shape[:5], shape[6], shape[7], jnp.float32)
+  fn = _block(direction, shape[5], interpret=False, block_sizes=bs)
+  g = jax.grad(lambda *a: jnp.sum(fn(*a)), argnums=(0, 1, 2))
+  from bench.tpu_static import find_kernels
+  out = {}
+  for e in find_kernels(jax.make_jaxpr(g)(*args)):
+    if e.params["name"].endswith(("dkv", "attn_bwd", "mlp_bwd")):
+      cp = e.params["compiler_params"]
+      cp = cp.get("mosaic_tpu", cp) if isinstance(cp, dict) else cp
+      out[e.params["name"]] = (tuple(e.params["grid_mapping"].grid),
+                               tuple(cp.dimension_semantics))
+  return out
+
+
+def test_weight_gradient_kernels_have_a_parallel_partial_axis():
+  got = _weight_grad_kernels("read", 4, P.ReadBlockSizes(block_n=128))
+  assert got == {"rin_read_block_dkv": ((2, 2, 2, 1), ("parallel",) + ("arbitrary",) * 3)}
+  got = _weight_grad_kernels("write", 5, P.WriteBlockSizes(block_n=128, num_partials=3))
+  sem = ("parallel", "arbitrary", "arbitrary")
+  assert got == {"rin_write_block_mlp_bwd": ((3, 2, 2), sem),
+                 "rin_write_block_attn_bwd": ((3, 2, 2), sem)}
+  # Never more partials than batch elements.
+  got = _weight_grad_kernels("write", 1, P.WriteBlockSizes(block_n=128, num_partials=4))
+  assert got["rin_write_block_attn_bwd"][0] == (1, 1, 2)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, None])
+def test_num_partials_must_be_a_positive_int(bad):
+  (z, x, p), _ = oc.block_inputs(0, "read", 1, 8, 16, 8, 16, 16, 0, jnp.float32)
+  with pytest.raises(ValueError, match=r"num_partials=.*must be a positive int"):
+    P.read_block(z, x, p, num_heads=1, interpret=True,
+                 block_sizes=P.ReadBlockSizes(num_partials=bad))
+  (x, z, p), _ = oc.block_inputs(0, "write", 1, 8, 16, 8, 16, 16, 0, jnp.float32)
+  with pytest.raises(ValueError, match=r"num_partials=.*must be a positive int"):
+    P.write_block(x, z, p, num_heads=1, interpret=True,
+                  block_sizes=P.WriteBlockSizes(num_partials=bad))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("direction", ["read", "write"])
 def test_block_bf16(direction):
