@@ -118,3 +118,13 @@ def test_tiny_run_with_libtpu(tmp_path):
   p = steps["pallas_tpu"]
   assert p["kernel_calls_hlo"] == sum(p["kernel_calls_jaxpr"].values()) > 0
   assert p["total_cycles"] == p["xla_cycles"] + p["kernel_cycles"]
+
+
+def test_worker_env_names_the_target_generation():
+  # The kernels size their VMEM budget by the target generation, and a deviceless compile's
+  # default device is the CPU: each generation's workers name theirs.
+  from kernels.pallas_tpu import common
+  for gen in ts.GENERATIONS:
+    env = ts._libtpu_env(gen)
+    assert env["RIN_TPU_GENERATION"] == gen and env["JAX_PLATFORMS"] == "cpu"
+    assert gen in common.VMEM_CAPACITY_MIB
