@@ -60,10 +60,10 @@ def test_parse_llo_weights_loops_and_when_branches():
 
 def test_kernel_flops_and_when_frequencies_from_the_jaxpr():
   import kernels.pallas_tpu as P
-  b, lq, lk, h, d = 2, 16, 256, 3, 32
+  b, lq, lk, h, d = 2, 256, 256, 3, 32
   q = jnp.zeros((b, lq, h, d), jnp.bfloat16)
   k = jnp.zeros((b, lk, h, d), jnp.bfloat16)
-  bs = P.AttentionBlockSizes(block_q=8, block_k=128)
+  bs = P.AttentionBlockSizes(block_q=128, block_k=128, block_b=1)
   jx = jax.make_jaxpr(lambda q, k: P.cross_attention(q, k, k, block_sizes=bs))(q, k)
   (e,) = ts.find_kernels(jx)
   assert e.params["name"] == "rin_attention_fwd"

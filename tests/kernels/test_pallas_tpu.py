@@ -313,7 +313,7 @@ def test_tpu_interpreter_read_block_two_cores_race_detection():
 
 def test_public_op_dispatch_and_combined_block_sizes():
   (q, k, v), _ = oc.attention_inputs(0, 1, 9, 17, 2, 16, jnp.float32)
-  bs = P.BlockSizes(attention=P.AttentionBlockSizes(block_q=8))
+  bs = P.BlockSizes(attention=P.AttentionBlockSizes(block_q=16, block_b=1))
   got = kernels.cross_attention(q, k, v, implementation="pallas_tpu", interpret=True,
                                 block_sizes=bs)
   want = kernels.cross_attention(q, k, v, implementation="xla")
