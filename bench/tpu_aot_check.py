@@ -1,7 +1,7 @@
 """Compile every Pallas TPU kernel for a real TPU on a machine without one.
 
     pip install libtpu            # the TPU compiler (runtime library), ~140 MB
-    python -m bench.tpu_aot_check --topology v5e:1x1 [--batch 8]
+    python -m bench.tpu_aot_check --topology v5e:1x1 [--batch 8] [--kinds attention]
 
 `jax.export(..., platforms=["tpu"])` stops at Mosaic MLIR. This goes further:
 with libtpu present, `jax.experimental.topologies` describes a TPU slice without
@@ -14,6 +14,7 @@ tests/kernels/test_pallas_tpu.py runs it when libtpu is installed.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -31,23 +32,39 @@ def _fn(o: shapes.OpShape):
   return lambda a, b, p: op(a, b, p, num_heads=o.heads)
 
 
-def _cases(batch, sharding):
+KINDS = ("attention", "read", "write")
+
+
+def _cases(batch, sharding, kinds=KINDS):
   """(name, function, abstract args): every op of every published config in bf16 and fp32
-  (params in the compute dtype, as the layers pass them), then the odd shapes."""
+  (params in the compute dtype, as the layers pass them), then the odd shapes; only the
+  ops whose kind is in `kinds`."""
   for s in shapes.PUBLISHED:
     for dt in (jnp.bfloat16, jnp.float32):
       for o in shapes.op_shapes(s):
-        yield (f"{s.name} {jnp.dtype(dt).name} {o.op}", _fn(o),
-               shapes.abstract_args(o, batch, dt, sharding=sharding))
+        if o.kind in kinds:
+          yield (f"{s.name} {jnp.dtype(dt).name} {o.op}", _fn(o),
+                 shapes.abstract_args(o, batch, dt, sharding=sharding))
   for o in shapes.ODD:
-    yield f"odd {o.name}", _fn(o), shapes.abstract_args(o, 1, jnp.float32, sharding=sharding)
+    if o.kind in kinds:
+      yield f"odd {o.name}", _fn(o), shapes.abstract_args(o, 1, jnp.float32, sharding=sharding)
 
 
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--topology", default="v5e:1x1", help="e.g. v5e:1x1, v5p:2x2x1, v6e:1x1")
   ap.add_argument("--batch", type=int, default=8)
+  ap.add_argument("--kinds", default=",".join(KINDS), help=f"comma list of {KINDS}")
   args = ap.parse_args(argv)
+  kinds = [k for k in args.kinds.split(",") if k]
+  for k in kinds:
+    if k not in KINDS:
+      raise ValueError(f"--kinds: {k!r} is not one of {KINDS}")
+  # The kernels size their VMEM budget by the target generation; the default device is
+  # the CPU here, so name it from the topology (v5e:1x1 -> v5e) unless already set.
+  gen = args.topology.split(":")[0]
+  if gen in P.common.VMEM_CAPACITY_MIB:
+    os.environ.setdefault("RIN_TPU_GENERATION", gen)
   from jax.experimental import topologies
   from jax.sharding import SingleDeviceSharding
   topo = topologies.get_topology_desc(platform="tpu", topology_name=args.topology)
@@ -55,7 +72,7 @@ def main(argv=None) -> int:
   failures = 0
   print(f"| kernel ({args.topology}, batch {args.batch}) | pass | compiled | seconds |")
   print("|---|---|---|---:|")
-  for name, fn, fargs in _cases(args.batch, sharding):
+  for name, fn, fargs in _cases(args.batch, sharding, kinds):
     grad = jax.grad(lambda *a, fn=fn: jnp.sum(fn(*a).astype(jnp.float32)),
                     argnums=tuple(range(len(fargs))))
     for pas, f in (("fwd", fn), ("fwd+bwd", grad)):

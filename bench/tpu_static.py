@@ -380,6 +380,9 @@ def _libtpu_env(gen: str, flags: str = ""):
   env["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"     # other compiles on this host hold the lockfile
   env["LIBTPU_INIT_ARGS"] = (env.get("LIBTPU_INIT_ARGS", "") + " " + flags).strip()
   env["JAX_PLATFORMS"] = "cpu"                # deviceless: the TPU is only a compile target
+  # The kernels size their VMEM budget (kernels.pallas_tpu.common.vmem_limit_bytes) by the
+  # target generation; the default device here is the CPU, so name the target.
+  env["RIN_TPU_GENERATION"] = gen
   return env
 
 
@@ -536,6 +539,18 @@ def worker_kernels(gen, configs, modes, batch):
   return out
 
 
+def read_profile_cycles(prof_dir):
+  """estimated_cycles of the static LLO profile in prof_dir, or None. Any profile there is
+  the current kernel's (the directory is cleared before each kernel): the file is named
+  after the jitted function (`_lambda_.1_TPU v5 lite_static_llo_profile.textproto`), not
+  the kernel, so it cannot be matched by the kernel's name."""
+  for p in glob.glob(os.path.join(prof_dir, "*static_llo_profile*")):
+    m = re.search(r"estimated_cycles:\s*(\d+)", open(p, errors="replace").read())
+    if m:
+      return int(m.group(1))
+  return None
+
+
 def worker_profile(gen, exports, start, results_path):
   """Static LLO profile of each exported kernel, appended to results_path as JSON lines.
 
@@ -554,12 +569,13 @@ def worker_profile(gen, exports, start, results_path):
     with open(results_path, "a") as f:
       f.write(json.dumps(kw) + "\n")
 
-  def read_cycles(name):
-    for p in glob.glob(os.path.join(prof_dir, f"*{name}*static_llo_profile*")):
-      m = re.search(r"estimated_cycles:\s*(\d+)", open(p).read())
-      if m:
-        return int(m.group(1))
-    return None
+  read_cycles = lambda name: read_profile_cycles(prof_dir)
+  # The previous worker may have aborted right after the profiler wrote the previous
+  # kernel's profile, before it was read: it is still in prof_dir (cleared per kernel).
+  if start > 0:
+    left = read_profile_cycles(prof_dir)
+    if left is not None:
+      record(index=start - 1, cycles=left)
 
   for i in range(start, len(exports)):
     x = exports[i]
@@ -627,8 +643,10 @@ def run_generation(gen, args):
         last = max(last, rec["index"])
         if "cycles" in rec:
           cycles[rec["index"]] = rec["cycles"]
-      if last not in cycles:
-        cycles[last] = None                    # the profiler aborted on this kernel
+      if cycles.get(last) is None:
+        # Aborted after writing the profile (or before): read what it left.
+        cycles[last] = read_profile_cycles(dirs["prof"])
+      if cycles[last] is None:
         print(f"[{gen}] static profile aborted on {exports[last]['key'][:100]}",
               file=sys.stderr, flush=True)
       start = last + 1

@@ -60,10 +60,10 @@ def test_parse_llo_weights_loops_and_when_branches():
 
 def test_kernel_flops_and_when_frequencies_from_the_jaxpr():
   import kernels.pallas_tpu as P
-  b, lq, lk, h, d = 2, 16, 256, 3, 32
+  b, lq, lk, h, d = 2, 256, 256, 3, 32
   q = jnp.zeros((b, lq, h, d), jnp.bfloat16)
   k = jnp.zeros((b, lk, h, d), jnp.bfloat16)
-  bs = P.AttentionBlockSizes(block_q=8, block_k=128)
+  bs = P.AttentionBlockSizes(block_q=128, block_k=128, block_b=1)
   jx = jax.make_jaxpr(lambda q, k: P.cross_attention(q, k, k, block_sizes=bs))(q, k)
   (e,) = ts.find_kernels(jx)
   assert e.params["name"] == "rin_attention_fwd"
@@ -118,3 +118,13 @@ def test_tiny_run_with_libtpu(tmp_path):
   p = steps["pallas_tpu"]
   assert p["kernel_calls_hlo"] == sum(p["kernel_calls_jaxpr"].values()) > 0
   assert p["total_cycles"] == p["xla_cycles"] + p["kernel_cycles"]
+
+
+def test_worker_env_names_the_target_generation():
+  # The kernels size their VMEM budget by the target generation, and a deviceless compile's
+  # default device is the CPU: each generation's workers name theirs.
+  from kernels.pallas_tpu import common
+  for gen in ts.GENERATIONS:
+    env = ts._libtpu_env(gen)
+    assert env["RIN_TPU_GENERATION"] == gen and env["JAX_PLATFORMS"] == "cpu"
+    assert gen in common.VMEM_CAPACITY_MIB

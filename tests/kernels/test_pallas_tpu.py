@@ -65,24 +65,71 @@ def test_attention_odd_shapes_fp32(shape):
 
 
 def test_attention_streamed_keys_small_blocks_fp32():
-  # Several query blocks and several key blocks, partial last key block.
-  check_attention((1, 20, 300, 2, 32), jnp.float32,
-                  block_sizes=P.AttentionBlockSizes(block_q=8, block_k=128))
+  # Two query blocks (the last partial) and three key blocks (the last partial).
+  check_attention((1, 150, 300, 2, 32), jnp.float32,
+                  block_sizes=P.AttentionBlockSizes(block_q=128, block_k=128))
+
+
+@pytest.mark.parametrize("head_dim", [32, 48, 64])
+def test_attention_odd_lengths_head_dims_fp32(head_dim):
+  # Lengths that are no multiple of any block, at the head dims of the configs (32, 48)
+  # and 64; batch and head blocks of 2 with streamed, partial key blocks.
+  check_attention((2, 13, 150, 2, head_dim), jnp.float32,
+                  block_sizes=P.AttentionBlockSizes(block_k=128, block_b=2))
 
 
 @pytest.mark.parametrize("block_h", [1, 2, None], ids=["h1", "h2", "default"])
 def test_attention_head_blocks_fp32(block_h):
   # Several heads per grid step (4 heads, streamed partial key blocks): fwd and all grads.
   check_attention((2, 9, 200, 4, 16), jnp.float32,
-                  block_sizes=P.AttentionBlockSizes(block_q=8, block_k=128, block_h=block_h))
+                  block_sizes=P.AttentionBlockSizes(block_k=128, block_h=block_h))
 
 
-def test_attention_head_block_rules():
+@pytest.mark.parametrize("block_b", [1, 3, None], ids=["b1", "b3", "default"])
+def test_attention_batch_blocks_fp32(block_b):
+  # Several (batch, head) pairs per grid step: 3 batch elements x 2 heads, two query
+  # blocks and two key blocks (both partial), so each step's online softmax, lse rows
+  # and dK/dV accumulation cover pairs of different batch elements.
+  check_attention((3, 130, 150, 2, 16), jnp.float32,
+                  block_sizes=P.AttentionBlockSizes(block_q=128, block_k=128, block_b=block_b))
+
+
+def test_attention_block_rules():
   bs = P.AttentionBlockSizes().resolve(128, 128)
   assert bs.with_heads(16).block_h == 16            # 16 x 128 x 128 scores fit one step
   assert P.AttentionBlockSizes().resolve(512, 2048).with_heads(16).block_h == 2  # 256 x 2048
   with pytest.raises(ValueError, match="block_h=3 must be a positive divisor"):
     P.AttentionBlockSizes(block_h=3).resolve(8, 8).with_heads(4)
+  # Batch blocks: the CIFAR-10 latent self-attention (16 heads, 128 x 128) at batch 32
+  # takes 2 batch elements per step (2^19 scores); a batch of 2 with one step per batch
+  # element keeps 2 parallel steps (one per TensorCore); a batch of 1 takes 1.
+  lat = bs.with_heads(16)
+  assert lat.with_batch(32, 16, 1).block_b == 2
+  assert lat.with_batch(2, 16, 1).block_b == 1
+  assert lat.with_batch(1, 16, 1).block_b == 1
+  small = P.AttentionBlockSizes().resolve(8, 8).with_heads(1)     # 128 x 128 vreg-padded
+  assert small.with_batch(64, 1, 1).block_b == 32                 # 2^19 / 2^14, 2 steps
+  assert small.with_batch(8, 1, 1).block_b == 4                   # 8 / 4 = 2 parallel steps
+  assert small.with_batch(8, 1, 1, fits=lambda b: b.block_b <= 2).block_b == 2
+  with pytest.raises(ValueError, match="block_b=3 must be a positive divisor of the batch 4"):
+    P.AttentionBlockSizes(block_b=3).resolve(8, 8).with_heads(1).with_batch(4, 1, 1)
+  # Queries lie on lanes: a block that does not cover them all is a multiple of 128.
+  with pytest.raises(ValueError, match=r"block_q=8 must be a multiple of 128 when it does "
+                                       r"not cover all 20 queries"):
+    P.AttentionBlockSizes(block_q=8).resolve(20, 8)
+  assert P.AttentionBlockSizes(block_q=64).resolve(20, 8).block_q == 24   # one block
+
+
+def test_attention_row_statistics_are_lane_dense():
+  # The saved log-sum-exp is [B, H, 1, Lq] f32 (a query per lane), not [B, H, Lq, 1];
+  # the forward's output leaves the kernel as [B, H, D, Lq].
+  from kernels.pallas_tpu import attention as A
+  q = jax.ShapeDtypeStruct((2, 3, 256, 32), jnp.bfloat16)
+  bs = A.AttentionBlockSizes().resolve(256, 256).with_heads(3).with_batch(2, 3, 1)
+  o_t, lse = jax.eval_shape(functools.partial(
+      A._fwd_call, scale=1.0, kv_len=256, bs=bs, interpret=True), q, q, q)
+  assert lse.shape == (2, 3, 1, 256) and lse.dtype == jnp.float32
+  assert o_t.shape == (2, 3, 32, 256) and o_t.dtype == jnp.bfloat16
 
 
 @pytest.mark.parametrize("shape", [(1, 7, 200, 2, 72), (1, 64, 256, 2, 32)], ids=str)
@@ -133,6 +180,88 @@ def test_write_block_several_tiles_fp32():
               block_sizes=P.WriteBlockSizes(block_n=64))
 
 
+# Lane-dense projections (heads as lane slices of [rows, heads * head_dim]) and the per-core
+# partial weight-gradient accumulators: a batch the partials do not divide (padded), more
+# partials than batch elements, head dims 32 and 48, odd token counts, several blocks.
+PARTIAL_CASES = [
+    ("read", (3, 9, 48, 300, 40, 2, 96, 0), P.ReadBlockSizes(8, 128, num_partials=2)),
+    ("read", (2, 12, 32, 150, 32, 3, 96, 0), P.ReadBlockSizes(8, 128, num_partials=3)),
+    ("write", (3, 9, 32, 200, 48, 3, 96, 64), P.WriteBlockSizes(64, num_partials=2)),
+    ("write", (3, 7, 40, 30, 40, 2, 96, 0), P.WriteBlockSizes(16, num_partials=3)),
+]
+
+
+@pytest.mark.parametrize("direction,shape,bs", PARTIAL_CASES, ids=str)
+def test_block_partials_fp32(direction, shape, bs):
+  check_block(direction, shape, jnp.float32, block_sizes=bs)
+
+
+def test_write_block_partials_bf16():
+  check_block("write", (3, 16, 64, 100, 96, 2, 96, 128), jnp.bfloat16,
+              block_sizes=P.WriteBlockSizes(32, num_partials=2))
+
+
+def test_read_block_bf16_partials_match_one_accumulator():
+  # The read block's bf16 dx misses the bf16 rule vs the float64 oracle at one value in
+  # ~10^4 (so does XLA's own bf16 read block, at more values; test_block_bf16[read]), so
+  # the bf16 partials are checked against the same kernel with one accumulator: dx and
+  # dz do not depend on the split; the weight gradients differ only in the order of
+  # their fp32 sum, i.e. by at most one bf16 rounding step.
+  shape = (3, 16, 64, 200, 64, 2, 64, 0)
+  args, ct = oc.block_inputs(0, "read", *shape[:5], shape[6], shape[7], jnp.bfloat16)
+  run = lambda parts: oc.value_and_grads(
+      _block("read", shape[5], block_sizes=P.ReadBlockSizes(num_partials=parts)), args, ct)
+  (out1, (dz1, dx1, dp1)), (out2, (dz2, dx2, dp2)) = run(1), run(2)
+  for a, b in ((out1, out2), (dz1, dz2), (dx1, dx2)):
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+  for name, a, b in zip(dp1._fields, dp1, dp2):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    # bk's gradient is zero in exact arithmetic (rounding noise): wk's scale bounds it.
+    scale = float(np.abs(np.asarray(dp1.wk if name == "bk" else a, np.float32)).max())
+    np.testing.assert_allclose(b, a, rtol=2.0 ** -7, atol=1e-6 * scale, err_msg=name)
+
+
+def _weight_grad_kernels(direction, batch, bs):
+  """(grid, dimension_semantics) of each weight-gradient kernel in the block's gradient."""
+  shape = (batch, 9, 32, 200, 32, 2, 64, 32)
+  args, _ = oc.block_inputs(0, direction, *shape[:5], shape[6], shape[7], jnp.float32)
+  fn = _block(direction, shape[5], interpret=False, block_sizes=bs)
+  g = jax.grad(lambda *a: jnp.sum(fn(*a)), argnums=(0, 1, 2))
+  from bench.tpu_static import find_kernels
+  out = {}
+  for e in find_kernels(jax.make_jaxpr(g)(*args)):
+    if e.params["name"].endswith(("dkv", "attn_bwd", "mlp_bwd")):
+      cp = e.params["compiler_params"]
+      cp = cp.get("mosaic_tpu", cp) if isinstance(cp, dict) else cp
+      out[e.params["name"]] = (tuple(e.params["grid_mapping"].grid),
+                               tuple(cp.dimension_semantics))
+  return out
+
+
+def test_weight_gradient_kernels_have_a_parallel_partial_axis():
+  got = _weight_grad_kernels("read", 4, P.ReadBlockSizes(block_n=128))
+  assert got == {"rin_read_block_dkv": ((2, 2, 2, 1), ("parallel",) + ("arbitrary",) * 3)}
+  got = _weight_grad_kernels("write", 5, P.WriteBlockSizes(block_n=128, num_partials=3))
+  sem = ("parallel", "arbitrary", "arbitrary")
+  assert got == {"rin_write_block_mlp_bwd": ((3, 2, 2), sem),
+                 "rin_write_block_attn_bwd": ((3, 2, 2), sem)}
+  # Never more partials than batch elements.
+  got = _weight_grad_kernels("write", 1, P.WriteBlockSizes(block_n=128, num_partials=4))
+  assert got["rin_write_block_attn_bwd"][0] == (1, 1, 2)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, None])
+def test_num_partials_must_be_a_positive_int(bad):
+  (z, x, p), _ = oc.block_inputs(0, "read", 1, 8, 16, 8, 16, 16, 0, jnp.float32)
+  with pytest.raises(ValueError, match=r"num_partials=.*must be a positive int"):
+    P.read_block(z, x, p, num_heads=1, interpret=True,
+                 block_sizes=P.ReadBlockSizes(num_partials=bad))
+  (x, z, p), _ = oc.block_inputs(0, "write", 1, 8, 16, 8, 16, 16, 0, jnp.float32)
+  with pytest.raises(ValueError, match=r"num_partials=.*must be a positive int"):
+    P.write_block(x, z, p, num_heads=1, interpret=True,
+                  block_sizes=P.WriteBlockSizes(num_partials=bad))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("direction", ["read", "write"])
 def test_block_bf16(direction):
@@ -179,8 +308,8 @@ def _races_found():
 
 def test_tpu_interpreter_with_race_detection():
   ip = pltpu.InterpretParams(detect_races=True, on_race="warn")
-  check_attention((1, 20, 300, 2, 32), jnp.float32, interpret=ip,
-                  block_sizes=P.AttentionBlockSizes(block_q=8, block_k=128))
+  check_attention((2, 20, 300, 2, 32), jnp.float32, interpret=ip,
+                  block_sizes=P.AttentionBlockSizes(block_k=128, block_b=2))
   assert not _races_found()
   check_block("write", (1, 8, 16, 20, 16, 2, 16, 32), jnp.float32, interpret=ip,
               block_sizes=P.WriteBlockSizes(block_n=8))
@@ -201,7 +330,7 @@ def test_tpu_interpreter_read_block_two_cores_race_detection():
 
 def test_public_op_dispatch_and_combined_block_sizes():
   (q, k, v), _ = oc.attention_inputs(0, 1, 9, 17, 2, 16, jnp.float32)
-  bs = P.BlockSizes(attention=P.AttentionBlockSizes(block_q=8))
+  bs = P.BlockSizes(attention=P.AttentionBlockSizes(block_q=16, block_b=1))
   got = kernels.cross_attention(q, k, v, implementation="pallas_tpu", interpret=True,
                                 block_sizes=bs)
   want = kernels.cross_attention(q, k, v, implementation="xla")
@@ -238,6 +367,60 @@ def test_vmem_budget_refuses_blocks_that_do_not_fit():
     jax.eval_shape(lambda z, x, p: P.read_block(z, x, p, num_heads=s.rw_heads,
                                                 block_sizes=P.ReadBlockSizes(8192, 8192)),
                    zr, x, pr)
+
+
+def test_vmem_budget_per_generation(monkeypatch):
+  from kernels.pallas_tpu import common as C
+  mib = 2**20
+  # 3/4 of each generation's VMEM per TensorCore: v5e/v6e 128 MiB, v5p/v7x 64, v4 16.
+  assert {g: C.vmem_limit_bytes(g) // mib for g in ("v4", "v5e", "v5p", "v6e", "v7x")} == {
+      "v4": 12, "v5e": 96, "v5p": 48, "v6e": 96, "v7x": 48}
+  assert C.vmem_limit_bytes("v7x") < 64 * mib     # v7x has 64 MiB per core in all
+  # The capacities are jax's own hardware table's.
+  for g, chip in (("v5e", "v5e"), ("v5p", "v5p"), ("v6e", "v6e"), ("v7x", "7x")):
+    info = pltpu.get_tpu_info_for_chip(pltpu.ChipVersion(chip), 1)
+    assert info.vmem_capacity_bytes == C.VMEM_CAPACITY_MIB[g] * mib, g
+  # No TPU known (this CPU host): the smallest target budget, which fits them all.
+  monkeypatch.delenv("RIN_TPU_GENERATION", raising=False)
+  assert C.tpu_generation() is None and C.vmem_limit_bytes() == 48 * mib == C.VMEM_LIMIT_BYTES
+  # An attention block of ~73 MiB: fits v5e's budget, not v7x's; the error names the
+  # kernel, the block sizes, the estimate, the budget and the generation.
+  big = jax.ShapeDtypeStruct((1, 2048, 1, 128), jnp.float32)
+  bs = P.AttentionBlockSizes(block_q=2048, block_k=2048)
+  # A fresh function each time: eval_shape caches traces by function, and the budget is
+  # read at trace time.
+  attend = lambda: jax.eval_shape(lambda q, k, v: P.cross_attention(q, k, v, block_sizes=bs),
+                                  big, big, big)
+  monkeypatch.setenv("RIN_TPU_GENERATION", "v5e")
+  assert attend().shape == big.shape
+  assert C.compiler_params("parallel").vmem_limit_bytes == 96 * mib
+  monkeypatch.setenv("RIN_TPU_GENERATION", "v7x")
+  assert C.compiler_params("parallel").vmem_limit_bytes == 48 * mib
+  with pytest.raises(ValueError, match=r"pallas_tpu.cross_attention: block_sizes=Attention"
+                     r"BlockSizes\(block_q=2048, block_k=2048, block_h=1, block_b=1\) need "
+                     r"about 7\d\.\d MiB of VMEM .* more than the 48 MiB budget of TPU v7x"):
+    attend()
+  monkeypatch.delenv("RIN_TPU_GENERATION")
+  with pytest.raises(ValueError, match=r"48 MiB budget of the smallest of v5e, v5p, v6e, v7x"):
+    attend()
+  # The default head and batch blocks shrink to fit the budget instead of failing: the
+  # CIFAR-10 latent self-attention takes 16 heads x 2 batch elements a step on v5e, fewer
+  # heads on v4 (12 MiB).
+  from kernels.pallas_tpu import attention as A
+  d_bs = A.AttentionBlockSizes().resolve(128, 128)
+  for gen, hb, bb in (("v5e", 16, 2), ("v4", 8, 1)):
+    budget = C.vmem_limit_bytes(gen)
+    fits = lambda b: A.vmem_estimate(b, 32, jnp.float32) <= budget
+    got = d_bs.with_heads(16, fits).with_batch(32, 16, 1, fits)
+    assert (got.block_h, got.block_b) == (hb, bb), (gen, got)
+  monkeypatch.setenv("RIN_TPU_GENERATION", "v4")
+  q = jax.ShapeDtypeStruct((32, 128, 16, 32), jnp.float32)
+  assert jax.eval_shape(lambda q: P.cross_attention(q, q, q), q).shape == q.shape
+  monkeypatch.setenv("RIN_TPU_GENERATION", "v9")
+  with pytest.raises(ValueError, match=r"RIN_TPU_GENERATION='v9' is not one of"):
+    C.vmem_limit_bytes()
+  with pytest.raises(ValueError, match=r"generation 'v9' is not one of"):
+    C.vmem_limit_bytes("v9")
 
 
 # ----------------------------------------------------------------------------
