@@ -2,13 +2,16 @@
 
 Implementations:
   "xla"        pure jax.numpy (kernels/reference.py); runs anywhere, the default on CPU.
-  "pallas_tpu" Pallas kernels lowered through Mosaic (kernels/pallas_tpu/); default on TPU.
+  "pallas_tpu" Pallas kernels lowered through Mosaic (kernels/pallas_tpu/).
   "triton"     Triton kernels called through jax-triton (kernels/triton_gpu/).
 
 `implementation=None` picks the platform default. On GPU that default is measured, not
 assumed: Triton only for the op/shape classes where a GPU measurement committed in
 kernels/triton_gpu/autotune_table.py (WINS, filled by bench/gpu_suite.sh) shows it beating
-XLA, "xla" otherwise, said once in the log per class. `precision=` follows
+XLA, "xla" otherwise, said once in the log per class. On TPU it is "xla" for every op:
+the TPU compiler's own cost model (bench/results/tpu_static/after_v5e.md, an estimate, no
+TPU here) puts the pallas_tpu CIFAR-10 train step at 1.29x the xla step's time, so no
+kernel has shown a win yet; implementation="pallas_tpu" forces the kernels. `precision=` follows
 kernels/precision.py (None: TF32 for fp32 dots, as XLA; "highest": exact fp32).
 `interpret=True` runs a kernel implementation in its interpreter on CPU (it has no effect on "xla"). An
 implementation that is known but not importable here raises instead of silently
@@ -34,7 +37,11 @@ _BACKEND_MODULES = {
     "triton": "kernels.triton_gpu",
 }
 IMPLEMENTATIONS = tuple(_BACKEND_MODULES)
-_PLATFORM_DEFAULT = {"tpu": "pallas_tpu", "gpu": "triton", "cuda": "triton"}
+# TPU: "xla" until a bench.tpu_static table shows a kernel beating XLA's fusion of its op
+# (module docstring); GPU: "triton", narrowed per op/shape class by the measured WINS table.
+_PLATFORM_DEFAULT = {"tpu": "xla", "gpu": "triton", "cuda": "triton"}
+TPU_DEFAULT_REASON = ("the TPU compiler's cost model puts the pallas_tpu train step at 1.29x "
+                      "the xla step (bench/results/tpu_static/after_v5e.md)")
 _GPU_PLATFORMS = ("gpu", "cuda")
 _LOGGED: set = set()
 
@@ -103,6 +110,9 @@ def default_implementation(platform: str | None = None) -> str:
   """The implementation `implementation=None` resolves to on `platform`."""
   platform = platform or jax.default_backend()
   name = _PLATFORM_DEFAULT.get(platform, "xla")
+  if platform == "tpu":
+    _log_once(("tpu_default",), "implementation=None on TPU: using 'xla' (%s); "
+              "implementation='pallas_tpu' forces the kernels", TPU_DEFAULT_REASON)
   if name != "xla":
     try:
       _backend(name)
