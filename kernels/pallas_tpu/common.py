@@ -8,6 +8,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 # The op's constants are the reference's (kernels/reference.py defines the op).
@@ -31,15 +32,20 @@ VMEM_FRACTION = 0.75
 TARGET_GENERATIONS = ("v5e", "v5p", "v6e", "v7x")
 
 
+def _generation_budget(gen: str) -> int:
+  return int(VMEM_CAPACITY_MIB[gen] * VMEM_FRACTION) * 2**20
+
+
 def vmem_limit_bytes(generation: str | None = None) -> int:
   """Scoped-VMEM limit (and block-size budget) for `generation` (None: the current one,
-  see tpu_generation(); unknown: the smallest over TARGET_GENERATIONS, which fits all)."""
+  see tpu_generation(); unknown: VMEM_LIMIT_BYTES, the smallest over TARGET_GENERATIONS,
+  which fits all)."""
   gen = tpu_generation() if generation is None else generation
   if gen is None:
-    return min(vmem_limit_bytes(g) for g in TARGET_GENERATIONS)
+    return VMEM_LIMIT_BYTES
   if gen not in VMEM_CAPACITY_MIB:
     raise ValueError(f"TPU generation {gen!r} is not one of {sorted(VMEM_CAPACITY_MIB)}")
-  return int(VMEM_CAPACITY_MIB[gen] * VMEM_FRACTION) * 2**20
+  return _generation_budget(gen)
 
 
 def tpu_generation() -> str | None:
@@ -60,8 +66,7 @@ def tpu_generation() -> str | None:
 
 # The budget that fits every target generation (48 MiB today: v5p's and v7x's); the
 # kernels use vmem_limit_bytes(), this stays for callers that want one constant.
-VMEM_LIMIT_BYTES = min(int(VMEM_CAPACITY_MIB[g] * VMEM_FRACTION) * 2**20
-                       for g in TARGET_GENERATIONS)
+VMEM_LIMIT_BYTES = min(_generation_budget(g) for g in TARGET_GENERATIONS)
 # Finite "minus infinity" for masked scores: exp(NEG - m) == 0 and NEG - NEG == 0
 # (never NaN), unlike -inf.
 NEG = -1e30
@@ -237,6 +242,5 @@ def batch_partials(num_partials: int, batch: int) -> tuple[int, int]:
 def partial_spec(shape):
   """BlockSpec of one partial accumulator [num_partials, *shape] on a grid whose first
   axis is the partial: the kernel sees `shape` (leading dim squeezed)."""
-  from jax.experimental import pallas as pl   # local: keeps this addition self-contained
   shape = tuple(shape)
   return pl.BlockSpec((pl.Squeezed(),) + shape, lambda p, *_: (p,) + (0,) * len(shape))

@@ -331,9 +331,10 @@ def _choose_block_n(block_sizes, n, est):
     bn = min(block_sizes.block_n, c.round_up(n, 8))
     c.check_vmem("pallas_tpu.write_block", est(bn), block_sizes)
     return bn
+  budget = c.vmem_limit_bytes()     # the budget check_vmem and compiler_params use
   for bn in (512, 256, 128, 64, 32, 16, 8):
     bn = min(bn, c.round_up(n, 8))
-    if est(bn) <= c.VMEM_LIMIT_BYTES:
+    if est(bn) <= budget:
       return bn
   c.check_vmem("pallas_tpu.write_block", est(8), WriteBlockSizes(8))
   return 8
