@@ -35,7 +35,9 @@ DEFAULT_CONFIG = "rin/configs/moving_digits.py"
 
 
 def _psnr(a, b) -> float:
-  """PSNR in dB of [-1, 1] videos, over all frames and clips."""
+  """PSNR in dB of [-1, 1] videos from their MSE pooled over all frames and clips. This is not
+  rin.video_metrics.per_frame_mse_psnr (eval/psnr), which averages per-clip PSNRs; every
+  figure this tool prints (model and baselines) uses this one definition."""
   mse = float(np.mean(((np.asarray(a) + 1) / 2 - (np.asarray(b) + 1) / 2) ** 2))
   return float(10 * np.log10(1.0 / max(mse, 1e-10)))
 
