@@ -32,3 +32,23 @@ def test_bad_arguments_are_named():
     video_conditioning._parse_sets(["interface_dim"])
   assert video_conditioning._parse_sets(["interface_dim=128", "tape_pos_encoding=learned"]) \
       == {"interface_dim": 128, "tape_pos_encoding": "learned"}
+
+
+def test_zero_noisy_input_is_deterministic_and_named():
+  a = video_conditioning.regress(TINY, steps=2, batch_size=4, speed=1.5, log_every=1,
+                                 noisy_input="zeros")
+  b = video_conditioning.regress(TINY, steps=2, batch_size=4, speed=1.5, log_every=1,
+                                 noisy_input="zeros", seed=0)
+  assert a["noisy_input"] == "zeros" and a["test_psnr"] == b["test_psnr"]
+  with pytest.raises(ValueError, match="--noisy_input"):
+    video_conditioning.regress(TINY, steps=1, noisy_input="ones")
+
+
+def test_conv_control_learns_a_static_copy():
+  # Static digits: the continuation is the last conditioning frame, which a conv net with
+  # local receptive fields fits in a few dozen steps; an untrained one is far from it.
+  res = video_conditioning.conv_control(TINY, steps=60, batch_size=8, speed=0.0,
+                                        learning_rate=3e-3, width=16, log_every=20)
+  first, last = res["loss_curve"][0][1], res["loss_curve"][-1][1]
+  assert last < 0.5 * first, res["loss_curve"]
+  assert res["test_psnr"] > res["mean_frame_psnr"] + 3, res
