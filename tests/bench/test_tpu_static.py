@@ -118,6 +118,12 @@ def test_tiny_run_with_libtpu(tmp_path):
   p = steps["pallas_tpu"]
   assert p["kernel_calls_hlo"] == sum(p["kernel_calls_jaxpr"].values()) > 0
   assert p["total_cycles"] == p["xla_cycles"] + p["kernel_cycles"]
+  for s in g["steps"]:                                    # the groups partition the step
+    assert set(s["groups"]) == set(ts.OP_GROUPS)
+    assert sum(x["xla_cycles"] for x in s["groups"].values()) == s["xla_cycles"]
+    assert sum(x["kernel_cycles"] for x in s["groups"].values()) == s["kernel_cycles"]
+  assert p["groups"]["read"]["kernel_calls"] > 0 and p["groups"]["io"]["kernel_calls"] == 0
+  assert "xla vs pallas_tpu per op group" in open(tmp_path / "tiny.md").read()
 
 
 def test_worker_env_names_the_target_generation():
@@ -128,3 +134,80 @@ def test_worker_env_names_the_target_generation():
     env = ts._libtpu_env(gen)
     assert env["RIN_TPU_GENERATION"] == gen and env["JAX_PLATFORMS"] == "cpu"
     assert gen in common.VMEM_CAPACITY_MIB
+
+
+# A hand-written compiled-HLO excerpt of a train step: a fused read-block op, a latent
+# attention op in the backward pass, a read kernel call, a parameter convert without a name
+# (inherits the read group through its parameter), a loss op and an op of no module.
+_HLO = "\n".join([
+    "%fused_computation.1 (p: f32[8]) -> f32[8] {",
+    '  %p = f32[8]{0} parameter(0), metadata={op_name="jit(fn)/jvp(RIN)/RIN._blocks/block_0/write/add"}',
+    '  ROOT %a = f32[8]{0} add(%p, %p), backend_config={"estimated_cycles":"99999"}',
+    "}",
+    "ENTRY %main.0 (p__block_0____read____wq__.0: f32[128,128], x: bf16[2,16,128]) -> f32[] {",
+    '  %p__block_0____read____wq__.0 = f32[128,128]{1,0:T(8,128)} parameter(0), '
+    'metadata={op_name="p[\'block_0\'][\'read\'][\'wq\']"}',
+    '  %x = bf16[2,16,128]{2,1,0} parameter(1), metadata={op_name="x"}',
+    '  %convert.3 = bf16[128,128]{1,0:T(8,128)(2,1)} convert(%p__block_0____read____wq__.0), '
+    'backend_config={"window_config":{"estimated_cycles":"100"}}',
+    '  %fusion.1 = bf16[2,16,128]{2,1,0:T(8,128)(2,1)} fusion(%x), kind=kLoop, '
+    'calls=%fused_computation.1, metadata={op_name="jit(fn)/jvp(RIN)/RIN._blocks/block_0/read/'
+    'ln/sub" stack_frame_id=3}, backend_config={"window_config":{"estimated_cycles":"1000"}}',
+    '  %rin_read_block_fwd.2 = (bf16[2,16,128]{2,1,0}, f32[2,4,16,1]{3,2,1,0}) custom-call('
+    '%fusion.1, %convert.3), custom_call_target="tpu_custom_call", operand_layout_constraints='
+    '{bf16[2,16,128]{2,1,0}, bf16[128,128]{1,0}}, frontend_attributes={kernel_metadata={}}, '
+    'metadata={op_name="jit(fn)/jvp(RIN)/RIN._blocks/block_0/read/rin_read_block_fwd/'
+    'pallas_call" stack_frame_id=7}, backend_config={"custom_call_config":{"body":"xx"}}',
+    '  %fusion.2 = bf16[2,16,4,32]{3,2,1,0} fusion(%x), kind=kLoop, calls=%fused_computation.1, '
+    'metadata={op_name="jit(fn)/transpose(jvp(RIN))/RIN._blocks/block_0/latent_attn_0/q/'
+    'dot_general"}, backend_config={"window_config":{"estimated_cycles":"300"}}',
+    '  %reduce.5 = f32[] reduce(%fusion.2), metadata={op_name="jit(fn)/jvp()/loss_and_metrics/'
+    'reduce_sum"}, backend_config={"window_config":{"estimated_cycles":"7"}}',
+    '  %fusion.4 = f32[128]{0} fusion(%x), kind=kLoop, calls=%fused_computation.1, metadata='
+    '{op_name="jit(fn)/transpose(jvp(RIN))/RIN._blocks/block_0/read_mlp/Dense_0/add"}, '
+    'backend_config={"window_config":{"estimated_cycles":"20"}}',
+    "  ROOT %tuple.9 = (f32[]) tuple(%reduce.5)",
+    "}"])
+
+
+def test_op_group_from_name_stacks():
+  assert ts.op_group("jit(fn)/jvp(RIN)/RIN._blocks/block_2/read/div") == ("read", "fwd")
+  assert ts.op_group("jit(fn)/transpose(jvp(RIN))/RIN._blocks/block_0/write/rin_write_block"
+                     "_attn_bwd/pallas_call") == ("write", "bwd")
+  assert ts.op_group("jit(fn)/jvp(RIN)/RIN._blocks/block_1/latent_attn_3/k/dot_general") == (
+      "latent_attn", "fwd")
+  assert ts.op_group("jit(fn)/jvp(RIN)/RIN._blocks/block_1/read_mlp_ln/sub")[0] == "latent_mlp"
+  assert ts.op_group("jit(fn)/jvp(RIN)/RIN._blocks/block_1/latent_mlp_0/erf")[0] == "latent_mlp"
+  assert ts.op_group("jit(fn)/jvp(RIN)/RIN._readout/readout_ln/add")[0] == "io"
+  assert ts.op_group("jit(fn)/jvp()/loss_and_metrics/square") == ("other", "fwd")
+  assert ts.op_group("") == ("other", "fwd")
+  assert ts._param_group("p__block_0____read____wq__.0") == "read"
+  assert ts._param_group("p__pos_latents__.0") == "io"
+
+
+def test_hlo_records_group_costs_and_kernel_calls():
+  recs = ts.attribute(ts.hlo_records(_HLO))
+  by = {r["name"]: r for r in recs}
+  assert "a" not in by                                   # fusion bodies are not scheduled ops
+  assert (by["fusion.1"]["group"], by["fusion.1"]["direction"]) == ("read", "fwd")
+  assert by["fusion.2"]["group"] == "latent_attn" and by["fusion.2"]["direction"] == "bwd"
+  assert by["convert.3"]["group"] == "read" and by["convert.3"]["inherited"]
+  assert by["convert.3"]["shape"] == "bf16[128,128]"
+  k = by["rin_read_block_fwd.2"]
+  assert k["kernel"] == "rin_read_block_fwd" and k["group"] == "read"
+  assert k["in_shapes"] == "bfloat16[2, 16, 128],bfloat16[128, 128]"
+  keys = ["rin_read_block_fwd grid=[2, 1] in=(bfloat16[2, 16, 128],bfloat16[128, 128])",
+          "rin_read_block_fwd grid=[4, 1] in=(bfloat16[4, 16, 128],bfloat16[128, 128])",
+          "rin_attention_fwd grid=[1] in=(bfloat16[2, 16, 4, 32])"]
+  assert ts.kernel_key_of_call(k, keys) == keys[0]
+  assert ts.kernel_key_of_call(dict(k, in_shapes="other"), keys) is None   # two candidates
+  g = ts.group_costs(recs, lambda r: 5000 if ts.kernel_key_of_call(r, keys) == keys[0] else None)
+  assert set(g) == set(ts.OP_GROUPS)
+  assert g["read"]["xla_cycles"] == 1100 and g["read"]["xla_fwd_cycles"] == 1100
+  assert g["read"]["kernel_cycles"] == 5000 and g["read"]["kernel_calls"] == 1
+  assert g["read"]["kernels"] == {"rin_read_block_fwd (fwd)": 5000}
+  assert [t["name"] for t in g["read"]["top_xla_ops"]] == ["fusion.1", "convert.3"]
+  assert g["latent_attn"]["xla_bwd_cycles"] == 300 and g["latent_mlp"]["xla_cycles"] == 20
+  assert g["other"]["xla_cycles"] == 7
+  # hlo_ops keeps its old tuples over the same records.
+  assert ("rin_read_block_fwd.2", "custom-call", None, "rin_read_block_fwd") in ts.hlo_ops(_HLO)
