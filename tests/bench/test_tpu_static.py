@@ -211,3 +211,14 @@ def test_hlo_records_group_costs_and_kernel_calls():
   assert g["other"]["xla_cycles"] == 7
   # hlo_ops keeps its old tuples over the same records.
   assert ("rin_read_block_fwd.2", "custom-call", None, "rin_read_block_fwd") in ts.hlo_ops(_HLO)
+
+
+def test_step_totals_count_the_kernel_calls_left_in_the_hlo():
+  grp = lambda kc, unk=0: dict(kernel_cycles=kc, kernel_calls_unknown=unk)
+  s = dict(xla_cycles=100, kernel_cycles_jaxpr=70, groups={"read": grp(20), "write": grp(30)})
+  r = ts.step_totals(s, hz=1e6)
+  assert r["kernel_cycles"] == 50 and r["kernel_cycles_source"] == "hlo calls"
+  assert r["total_cycles"] == 150 and r["total_ms"] == pytest.approx(0.15)
+  s["groups"]["write"] = grp(0, unk=1)            # a call without a profile: jaxpr count
+  r = ts.step_totals(s, hz=1e6)
+  assert r["kernel_cycles"] == 70 and r["kernel_cycles_source"] == "jaxpr calls"
