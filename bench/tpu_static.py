@@ -562,6 +562,70 @@ def _libtpu_env(gen: str, flags: str = ""):
   return env
 
 
+# kernels.api op/shape-class prefix -> the op group of its calls.
+CLASS_GROUPS = {"attention": "latent_attn", "read": "read", "write": "write"}
+
+
+class _recording_op_classes:
+  """Context: {group: set of kernels.api.shape_class keys} of the kernel-backed ops traced
+  inside (kernels.api.resolve_implementation sees each op's key)."""
+
+  def __enter__(self):
+    from kernels import api
+    self.api, self.orig, self.classes = api, api.resolve_implementation, {}
+
+    def rec(implementation, op_key=None):
+      if op_key is not None:
+        g = CLASS_GROUPS.get(op_key.split(":")[0])
+        if g:
+          self.classes.setdefault(g, set()).add(op_key)
+      return self.orig(implementation, op_key)
+
+    api.resolve_implementation = rec
+    return self.classes
+
+  def __exit__(self, *exc):
+    self.api.resolve_implementation = self.orig
+
+
+def wins_rows(result):
+  """{shape_class: row} for kernels/pallas_tpu/cost_table.WINS from a result with both
+  implementations of a step: per kernel-backed group with one op class, the group's total
+  us per step (kernels + XLA ops) in each path. Train steps only (what a default is for)."""
+  rows = {}
+  for g in result["generations"]:
+    by = {(s["config"], s["mode"], s["impl"]): s for s in g["steps"] if "groups" in s}
+    for (cfg, mode, impl), p in by.items():
+      x = by.get((cfg, mode, "xla"))
+      if impl != "pallas_tpu" or mode != "train" or x is None:
+        continue
+      for grp, keys in p.get("op_classes", {}).items():
+        if len(keys) != 1:
+          continue
+        rows[keys[0]] = dict(
+            pallas_tpu_us=round(p["groups"][grp]["total_us"], 1),
+            xla_us=round(x["groups"][grp]["total_us"], 1),
+            device=f"{g['generation']} (XLA:TPU cost model ESTIMATE, {cfg} {mode}, batch "
+                   f"{result['batch']}, op group {grp})",
+            source=f"bench/results/tpu_static/{result['tag']}.json")
+  return rows
+
+
+def write_wins(rows, path=None):
+  """Rewrites WINS in kernels/pallas_tpu/cost_table.py (docstring kept; other keys kept)."""
+  import importlib
+  import pprint
+  from kernels.pallas_tpu import cost_table
+  path = path or cost_table.__file__
+  src = open(path).read()
+  old = dict(importlib.reload(cost_table).WINS) if path == cost_table.__file__ else {}
+  old.update(rows)
+  head = src[: src.index("\nWINS: dict") + 1]
+  open(path, "w").write(head + "WINS: dict[str, dict] = " +
+                        pprint.pformat(old, width=96, sort_dicts=True) + "\n")
+  return old
+
+
 def worker_steps(gen, configs, modes, impls, batch, hlo_dir=None):
   """Whole steps: XLA cycles, kernel calls, clock calibration; each op's record with its
   model-op group (attribute) for the per-group tables; the compiled HLO text gzipped into
@@ -575,7 +639,8 @@ def worker_steps(gen, configs, modes, impls, batch, hlo_dir=None):
       for impl in impls:
         t0 = time.time()
         fn, args = step_fn(cfg, impl, mode, batch, sds)
-        jaxpr = jax.make_jaxpr(fn)(*args)
+        with _recording_op_classes() as classes:
+          jaxpr = jax.make_jaxpr(fn)(*args)
         kernels = {}
         for e in find_kernels(jaxpr):
           k = kernel_key(e)
@@ -604,6 +669,7 @@ def worker_steps(gen, configs, modes, impls, batch, hlo_dir=None):
             kernel_calls_jaxpr=kernels, top_xla_ops=[dict(cycles=c, name=n, opcode=o)
                                                      for c, n, o in top],
             compile_s=round(time.time() - t0, 1),
+            op_classes={g: sorted(v) for g, v in classes.items()},
             op_records=[{k: r[k] for k in ("name", "opcode", "cycles", "kernel", "op_name",
                                            "shape", "in_shapes", "group", "direction")}
                         | ({"inherited": True} if r.get("inherited") else {})
@@ -1093,6 +1159,9 @@ def main(argv=None) -> int:
   ap.add_argument("--hlo-dir", default=None, help="keep each step's compiled HLO (gzipped)")
   ap.add_argument("--remake", default=None, metavar="JSON",
                   help="re-derive the step totals of a result JSON and rewrite its .md")
+  ap.add_argument("--write-wins", action="store_true",
+                  help="write each kernel-backed op class's pallas_tpu and xla us per train "
+                       "step into kernels/pallas_tpu/cost_table.py WINS (the TPU default)")
   ap.add_argument("--_worker", choices=("steps", "kernels", "profile"), help=argparse.SUPPRESS)
   ap.add_argument("--_out", help=argparse.SUPPRESS)
   ap.add_argument("--_start", type=int, default=0, help=argparse.SUPPRESS)
@@ -1114,7 +1183,9 @@ def main(argv=None) -> int:
     raise ValueError(f"--batch must be >= 1, got {args.batch}")
 
   if args.remake:
-    remake(args.remake)
+    result = remake(args.remake)
+    if args.write_wins:
+      print(len(write_wins(wins_rows(result))), "WINS entries")
     return 0
   if args._worker:
     gen = args.gens[0]
@@ -1145,6 +1216,8 @@ def main(argv=None) -> int:
   json.dump(result, open(base + ".json", "w"), indent=1)
   md_text = markdown(result)
   open(base + ".md", "w").write(md_text)
+  if args.write_wins:
+    print(len(write_wins(wins_rows(result))), "WINS entries", file=sys.stderr)
   print(md_text)
   return 0
 

@@ -60,25 +60,40 @@ def shape_class(op: str, *arrays, heads: int = 0, dtype=None) -> str:
   return f"{op}:{dims}" + (f":h{heads}" if heads else "") + f":{dt}"
 
 
-def _measured_default(op_key: str) -> str:
-  """GPU default for one op/shape class: "triton" only where a committed GPU measurement
-  shows it faster than XLA."""
+# platform -> (module with the WINS table, the kernel implementation it can choose).
+_WINS_TABLES = {"gpu": ("kernels.triton_gpu.autotune_table", "triton"),
+                "tpu": ("kernels.pallas_tpu.cost_table", "pallas_tpu")}
+_WINS_SOURCE = {"gpu": "GPU measurement", "tpu": "TPU cost-model estimate (bench.tpu_static)"}
+
+
+def _measured_default(op_key: str, platform: str = "gpu") -> str:
+  """Default for one op/shape class on `platform` ("gpu" or "tpu"): the kernel
+  implementation only where its committed WINS row (a GPU measurement; on TPU the TPU
+  compiler's cost model, bench.tpu_static) shows it faster than XLA."""
+  module, impl = _WINS_TABLES[platform]
+  what = _WINS_SOURCE[platform]
   try:
-    from kernels.triton_gpu import autotune_table
-    wins = getattr(autotune_table, "WINS", {})
+    wins = getattr(importlib.import_module(module), "WINS", {})
   except ImportError as e:
-    _log_once(("noimport",), "implementation=None on GPU: kernels.triton_gpu does not "
-              "import (%s); using 'xla'", e)
+    _log_once(("noimport", platform), "implementation=None on %s: %s does not import (%s); "
+              "using 'xla'", platform.upper(), module, e)
     return "xla"
   row = wins.get(op_key)
-  if row and row.get("triton_us", float("inf")) < row.get("xla_us", 0.0):
-    _log_once(op_key, "implementation=None on GPU: %s -> 'triton' (measured %.1f us vs "
-              "xla %.1f us on %s)", op_key, row["triton_us"], row["xla_us"],
-              row.get("device", "?"))
-    return "triton"
-  _log_once(op_key, "implementation=None on GPU: no committed GPU measurement shows "
-            "Triton beating XLA for %s; using 'xla' (implementation='triton' forces it)",
-            op_key)
+  if row and row.get(f"{impl}_us", float("inf")) < row.get("xla_us", 0.0):
+    _log_once((platform, op_key), "implementation=None on %s: %s -> %r (%s %.1f us vs "
+              "xla %.1f us on %s)", platform.upper(), op_key, impl, what, row[f"{impl}_us"],
+              row["xla_us"], row.get("device", "?"))
+    return impl
+  if row:
+    _log_once((platform, op_key), "implementation=None on %s: %s -> 'xla' (%s: %s %.1f us "
+              "vs xla %.1f us on %s); implementation=%r forces the kernels", platform.upper(),
+              op_key, what, impl, row.get(f"{impl}_us", float("nan")), row.get("xla_us",
+                                                                          float("nan")),
+              row.get("device", "?"), impl)
+  else:
+    _log_once((platform, op_key), "implementation=None on %s: no committed %s shows %r "
+              "beating XLA for %s; using 'xla' (implementation=%r forces it)",
+              platform.upper(), what, impl, op_key, impl)
   return "xla"
 
 
@@ -124,13 +139,16 @@ def default_implementation(platform: str | None = None) -> str:
 
 
 def resolve_implementation(implementation: str | None, op_key: str | None = None) -> str:
-  """implementation, or for None the platform default; on GPU, with `op_key` (a
-  shape_class), the measured per-class default (module docstring)."""
+  """implementation, or for None the platform default; on GPU and TPU, with `op_key` (a
+  shape_class), the per-class default of that platform's WINS table (module docstring)."""
   if implementation is None:
     name = default_implementation()
-    if name == "triton" and op_key is not None and (
-        jax.default_backend() in _GPU_PLATFORMS):
-      name = _measured_default(op_key)
+    platform = jax.default_backend()
+    if op_key is not None:
+      if name == "triton" and platform in _GPU_PLATFORMS:
+        name = _measured_default(op_key, "gpu")
+      elif platform == "tpu":
+        name = _measured_default(op_key, "tpu")
     return name
   _backend(implementation)  # validates the name and importability
   return implementation

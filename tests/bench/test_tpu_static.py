@@ -123,6 +123,8 @@ def test_tiny_run_with_libtpu(tmp_path):
     assert sum(x["xla_cycles"] for x in s["groups"].values()) == s["xla_cycles"]
     assert sum(x["kernel_cycles"] for x in s["groups"].values()) == s["kernel_cycles"]
   assert p["groups"]["read"]["kernel_calls"] > 0 and p["groups"]["io"]["kernel_calls"] == 0
+  assert set(p["op_classes"]) == {"read", "write", "latent_attn"}
+  assert all(len(v) == 1 for v in p["op_classes"].values())
   assert "xla vs pallas_tpu per op group" in open(tmp_path / "tiny.md").read()
 
 
@@ -222,3 +224,26 @@ def test_step_totals_count_the_kernel_calls_left_in_the_hlo():
   s["groups"]["write"] = grp(0, unk=1)            # a call without a profile: jaxpr count
   r = ts.step_totals(s, hz=1e6)
   assert r["kernel_cycles"] == 70 and r["kernel_cycles_source"] == "jaxpr calls"
+
+
+def test_wins_rows_compare_each_op_class_as_the_model_uses_it(tmp_path):
+  grp = lambda us: {g: dict(total_us=us.get(g, 0.0)) for g in ts.OP_GROUPS}
+  classes = {"read": ["read:a:bfloat16"], "latent_attn": ["attention:b:bfloat16"],
+             "write": ["write:c:bfloat16", "write:d:bfloat16"]}      # two classes: no row
+  steps = [dict(config="cifar10", mode="train", impl="pallas_tpu", op_classes=classes,
+                groups=grp({"read": 90.0, "latent_attn": 300.0, "write": 10.0})),
+           dict(config="cifar10", mode="train", impl="xla", op_classes=classes,
+                groups=grp({"read": 100.0, "latent_attn": 200.0, "write": 20.0}))]
+  result = dict(tag="t", batch=32, generations=[dict(generation="v5e", steps=steps)])
+  rows = ts.wins_rows(result)
+  assert set(rows) == {"read:a:bfloat16", "attention:b:bfloat16"}
+  assert rows["read:a:bfloat16"]["pallas_tpu_us"] == 90.0
+  assert rows["attention:b:bfloat16"]["xla_us"] == 200.0
+  assert "ESTIMATE" in rows["read:a:bfloat16"]["device"]
+  from kernels.pallas_tpu import cost_table
+  path = tmp_path / "cost_table.py"
+  path.write_text(open(cost_table.__file__).read())
+  ts.write_wins(rows, str(path))
+  ns = {}
+  exec(path.read_text(), ns)
+  assert ns["WINS"] == rows and ns["__doc__"] == cost_table.__doc__
