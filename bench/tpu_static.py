@@ -614,15 +614,16 @@ def wins_rows(result):
 def write_wins(rows, path=None):
   """Rewrites WINS in kernels/pallas_tpu/cost_table.py (docstring kept; other keys kept)."""
   import importlib
-  import pprint
   from kernels.pallas_tpu import cost_table
   path = path or cost_table.__file__
   src = open(path).read()
   old = dict(importlib.reload(cost_table).WINS) if path == cost_table.__file__ else {}
   old.update(rows)
   head = src[: src.index("\nWINS: dict") + 1]
-  open(path, "w").write(head + "WINS: dict[str, dict] = " +
-                        pprint.pformat(old, width=96, sort_dicts=True) + "\n")
+  body = "".join(f"    {k!r}: {{\n" + "".join(f"        {f!r}: {v!r},\n"
+                                             for f, v in sorted(old[k].items())) + "    },\n"
+                 for k in sorted(old))
+  open(path, "w").write(head + "WINS: dict[str, dict] = {\n" + body + "}\n")
   return old
 
 

@@ -8,10 +8,13 @@ Implementations:
 `implementation=None` picks the platform default. On GPU that default is measured, not
 assumed: Triton only for the op/shape classes where a GPU measurement committed in
 kernels/triton_gpu/autotune_table.py (WINS, filled by bench/gpu_suite.sh) shows it beating
-XLA, "xla" otherwise, said once in the log per class. On TPU it is "xla" for every op:
-the TPU compiler's own cost model (bench/results/tpu_static/after_v5e.md, an estimate, no
-TPU here) puts the pallas_tpu CIFAR-10 train step at 1.29x the xla step's time, so no
-kernel has shown a win yet; implementation="pallas_tpu" forces the kernels. `precision=` follows
+XLA, "xla" otherwise, said once in the log per class. On TPU the same rule runs over
+kernels/pallas_tpu/cost_table.py (WINS, filled by `bench.tpu_static --write-wins` from the
+TPU compiler's own cost model: an estimate, no TPU measured): the Pallas kernels only for a
+class whose estimated time per train step, kernels plus the XLA ops around them, beats
+XLA's fusion of the same op. Today no class does (bench/results/tpu_static/scopes_v5e.md,
+imagenet64_v5e.md: read, write and latent attention each lose), so it is "xla" for every
+op; implementation="pallas_tpu" forces the kernels. `precision=` follows
 kernels/precision.py (None: TF32 for fp32 dots, as XLA; "highest": exact fp32).
 `interpret=True` runs a kernel implementation in its interpreter on CPU (it has no effect on "xla"). An
 implementation that is known but not importable here raises instead of silently
@@ -37,11 +40,12 @@ _BACKEND_MODULES = {
     "triton": "kernels.triton_gpu",
 }
 IMPLEMENTATIONS = tuple(_BACKEND_MODULES)
-# TPU: "xla" until a bench.tpu_static table shows a kernel beating XLA's fusion of its op
-# (module docstring); GPU: "triton", narrowed per op/shape class by the measured WINS table.
+# TPU: "xla", widened per op/shape class to "pallas_tpu" where cost_table.WINS (TPU cost
+# model) shows the kernels winning; GPU: "triton", narrowed per class by the measured WINS.
 _PLATFORM_DEFAULT = {"tpu": "xla", "gpu": "triton", "cuda": "triton"}
-TPU_DEFAULT_REASON = ("the TPU compiler's cost model puts the pallas_tpu train step at 1.29x "
-                      "the xla step (bench/results/tpu_static/after_v5e.md)")
+TPU_DEFAULT_REASON = ("per op class by kernels/pallas_tpu/cost_table.py WINS, the TPU "
+                      "compiler's cost-model estimate; bench/results/tpu_static/scopes_v5e.md: "
+                      "no kernel-backed op beats XLA's fusion of it yet")
 _GPU_PLATFORMS = ("gpu", "cuda")
 _LOGGED: set = set()
 
@@ -126,7 +130,7 @@ def default_implementation(platform: str | None = None) -> str:
   platform = platform or jax.default_backend()
   name = _PLATFORM_DEFAULT.get(platform, "xla")
   if platform == "tpu":
-    _log_once(("tpu_default",), "implementation=None on TPU: using 'xla' (%s); "
+    _log_once(("tpu_default",), "implementation=None on TPU: 'xla' unless chosen %s; "
               "implementation='pallas_tpu' forces the kernels", TPU_DEFAULT_REASON)
   if name != "xla":
     try:
