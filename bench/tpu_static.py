@@ -31,6 +31,16 @@ bf16, batch per chip) and each implementation ("pallas_tpu", "xla"):
   schedule would take), kernels cost what they cost alone, ops without an estimate
   (bitcasts, tuples, async copy starts/dones) are free.
 
+* per model op: every XLA op and kernel call is put in the op group its HLO op_name (the
+  jax/flax name stack) names (attribute: read block, write block, latent attention, latent
+  MLPs, stem/latents/readout, the rest; "transpose(" marks the backward), so the two
+  implementations compare op by op, with the largest XLA ops the pallas_tpu path keeps
+  around its kernels. A fusion carries one of its ops' names; an op without one (a layout
+  copy, a parameter convert) takes its first named operand's group. Kernel time counts the
+  calls left in the compiled HLO (XLA removes dead ones the jaxpr still has).
+  `--write-wins` puts each kernel-backed op class's two train-step totals into
+  kernels/pallas_tpu/cost_table.py, which `implementation=None` on TPU follows.
+
 Results: bench/results/tpu_static/<tag>.json and <tag>.md.
 """
 from __future__ import annotations
