@@ -31,6 +31,16 @@ bf16, batch per chip) and each implementation ("pallas_tpu", "xla"):
   schedule would take), kernels cost what they cost alone, ops without an estimate
   (bitcasts, tuples, async copy starts/dones) are free.
 
+* per model op: every XLA op and kernel call is put in the op group its HLO op_name (the
+  jax/flax name stack) names (attribute: read block, write block, latent attention, latent
+  MLPs, stem/latents/readout, the rest; "transpose(" marks the backward), so the two
+  implementations compare op by op, with the largest XLA ops the pallas_tpu path keeps
+  around its kernels. A fusion carries one of its ops' names; an op without one (a layout
+  copy, a parameter convert) takes its first named operand's group. Kernel time counts the
+  calls left in the compiled HLO (XLA removes dead ones the jaxpr still has).
+  `--write-wins` puts each kernel-backed op class's two train-step totals into
+  kernels/pallas_tpu/cost_table.py, which `implementation=None` on TPU follows.
+
 Results: bench/results/tpu_static/<tag>.json and <tag>.md.
 """
 from __future__ import annotations
@@ -123,11 +133,32 @@ def _placed(topology: str):
 # Compiled HLO: XLA's estimated cycles per op.
 # ----------------------------------------------------------------------------
 
-_INSTR = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = .*? ([a-z][\w\-]*)\(")
+_INSTR = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.*?) ([a-z][\w\-]*)\((.*)$")
+_OPNAME = re.compile(r'metadata=\{[^}]*?op_name="([^"]*)"')
+_HLO_DTYPES = {"bf16": "bfloat16", "f32": "float32", "f16": "float16", "f64": "float64",
+               "s32": "int32", "u32": "uint32", "s8": "int8", "u8": "uint8", "pred": "bool",
+               "s64": "int64", "u64": "uint64", "s16": "int16", "u16": "uint16"}
 
 
-def hlo_ops(text: str):
-  """[(name, opcode, estimated_cycles or None, kernel name or None)] of scheduled ops."""
+def _strip_layouts(shape: str) -> str:
+  """'bf16[2,16,128]{2,1,0:T(8,128)(2,1)S(1)}' -> 'bf16[2,16,128]' (tuples too)."""
+  out, depth = [], 0
+  for ch in shape:
+    if ch == "{":
+      depth += 1
+    elif ch == "}":
+      depth -= 1
+    elif depth == 0:
+      out.append(ch)
+  return "".join(out).strip()
+
+
+def hlo_records(text: str):
+  """One dict per scheduled op of the ENTRY computation (fusion bodies and other called
+  computations skipped): name, opcode, cycles (XLA:TPU estimated_cycles or None), kernel
+  (Pallas kernel name of a tpu_custom_call, else None), op_name (the jax/flax name stack
+  from the op's metadata, "" if none), shape (result, layouts stripped), operands (names),
+  in_shapes (a custom call's operand shapes as kernel_key writes them, else None)."""
   out, in_fusion_body = [], False
   for line in text.splitlines():
     if line.startswith("%fused_") or line.startswith("fused_") or re.match(r"^%?[\w.\-]+ \(", line):
@@ -137,13 +168,168 @@ def hlo_ops(text: str):
     mt = _INSTR.match(line)
     if not mt or in_fusion_body:
       continue
-    name, opcode = mt.groups()
+    name, shape, opcode, rest = mt.groups()
     cyc = re.search(r'"estimated_cycles":"(\d+)"', line)
-    kernel = None
+    kernel, in_shapes = None, None
     if 'custom_call_target="tpu_custom_call"' in line:
       kernel = _kernel_name_of(line)
-    out.append((name, opcode, int(cyc.group(1)) if cyc else None, kernel))
+      lc = re.search(r"operand_layout_constraints=\{(.*?)\}, (?:[a-z_]+=|$)", line)
+      if lc:
+        in_shapes = ",".join(
+            f"{_HLO_DTYPES.get(dt, dt)}[{', '.join(d for d in dims.split(',') if d)}]"
+            for dt, dims in re.findall(r"([a-z]+\d*)\[([\d,]*)\]", _strip_layouts(lc.group(1))))
+    mo = _OPNAME.search(line)
+    depth, args = 0, []
+    for i, ch in enumerate(rest):               # operands: up to the call's closing paren
+      if ch == "(":
+        depth += 1
+      elif ch == ")":
+        if depth == 0:
+          args = re.findall(r"%([\w.\-]+)", rest[:i])
+          break
+        depth -= 1
+    out.append(dict(name=name, opcode=opcode, cycles=int(cyc.group(1)) if cyc else None,
+                    kernel=kernel, op_name=mo.group(1) if mo else "",
+                    shape=_strip_layouts(shape), operands=args, in_shapes=in_shapes))
   return out
+
+
+def hlo_ops(text: str):
+  """[(name, opcode, estimated_cycles or None, kernel name or None)] of scheduled ops."""
+  return [(r["name"], r["opcode"], r["cycles"], r["kernel"]) for r in hlo_records(text)]
+
+
+# ----------------------------------------------------------------------------
+# Attribution: which model op each XLA op and kernel call belongs to.
+# ----------------------------------------------------------------------------
+
+# Groups, in table order. The kernel-backed ops first (the ones whose implementation
+# differs between "xla" and "pallas_tpu"); the rest is the same code in both paths.
+OP_GROUPS = ("read", "write", "latent_attn", "latent_mlp", "io", "other")
+GROUP_DOC = {
+    "read": "read block (RINBlock .../read: LN, Q/KV/out projections, attention, residual)",
+    "write": "write block (.../write: attention and interface MLP, residuals)",
+    "latent_attn": "latent self-attention (.../latent_attn_i)",
+    "latent_mlp": "latent MLPs and their LNs (read_mlp, latent_mlp_i)",
+    "io": "stem, latent init and self-conditioning, readout (RIN._interface/_latents/_readout)",
+    "other": "loss, noise, RNG, drop path, parameter-gradient glue without a module",
+}
+
+
+def op_group(op_name: str):
+  """(group, "fwd" | "bwd") of an op from its jax/flax name stack (HLO op_name).
+
+  The first flax module segment that names a group wins ("block_0/read/..." -> read);
+  "transpose(" in the stack marks the backward pass. Unknown or empty -> "other"."""
+  direction = "bwd" if "transpose(" in op_name else "fwd"
+  for seg in op_name.split("/"):
+    if seg == "read":
+      return "read", direction
+    if seg == "write":
+      return "write", direction
+    if re.fullmatch(r"latent_attn_\d+", seg):
+      return "latent_attn", direction
+    if re.fullmatch(r"(latent_mlp(_ln)?_\d+|read_mlp(_ln)?)", seg):
+      return "latent_mlp", direction
+    if seg in ("RIN._interface", "RIN._latents", "RIN._readout", "VideoRIN._interface",
+               "VideoRIN._latents", "VideoRIN._readout"):
+      return "io", direction
+  return "other", direction
+
+
+def _param_group(param_name: str):
+  """Group of an entry parameter from its flattened path ('p__block_0____read____wq__.0')."""
+  segs = [s for s in re.split(r"_{4}|^p__|__(?:\.\d+)?$", param_name) if s]
+  path = "/".join(segs)
+  g, _ = op_group(path)
+  if g == "other" and segs and segs[0] in ("stem", "stem_ln", "readout", "readout_ln",
+                                         "pos_interface", "pos_latents", "class_dense",
+                                         "time_dense_0", "time_dense_1") or (
+      segs and segs[0].startswith("self_cond")):
+    g = "io"
+  return g
+
+
+def attribute(records):
+  """Sets each record's "group" and "direction" in place; returns records.
+
+  From its op_name; an op without one (layout copies, parameter converts) takes the group
+  of its first operand that has one (entry parameters by their flattened module path),
+  marked "inherited"."""
+  by_name = {r["name"]: r for r in records}
+  for r in records:
+    if r["opcode"] == "parameter":             # op_name "p['block_0']['read']['wq']"
+      r["group"], r["direction"] = _param_group(r["name"]), "fwd"
+    elif r["op_name"]:
+      r["group"], r["direction"] = op_group(r["op_name"])
+  def find(r, depth):
+    if "group" in r:
+      return r["group"], r["direction"]
+    if depth > 6:
+      return None
+    for a in r["operands"]:
+      if a in by_name:
+        g = find(by_name[a], depth + 1)
+        if g:
+          return g
+    return None
+  for r in records:
+    if "group" not in r:
+      g = find(r, 0)
+      r["group"], r["direction"] = g or ("other", "fwd")
+      r["inherited"] = True
+  return records
+
+
+def kernel_key_of_call(r, keys):
+  """The kernel_key (of `keys`) of one HLO custom-call record: same kernel name and
+  operand shapes; else the only key with that name; else None."""
+  same = [k for k in keys if k.split(" grid=")[0] == r["kernel"]]
+  if r.get("in_shapes") is not None:
+    exact = [k for k in same if k.endswith(f" in=({r['in_shapes']})")]
+    if len(exact) == 1:
+      return exact[0]
+  return same[0] if len(same) == 1 else None
+
+
+def group_costs(records, kernel_cycles, top=15):
+  """Per group: XLA cycles (fwd, bwd), kernel cycles and calls, and its largest XLA ops.
+
+  `records`: attributed hlo_records of one step; `kernel_cycles(record)`: cycles of one
+  kernel call (None if unknown). Returns {group: dict}, every OP_GROUPS key present."""
+  out = {g: dict(xla_cycles=0, xla_fwd_cycles=0, xla_bwd_cycles=0, xla_ops=0,
+                 kernel_cycles=0, kernel_calls=0, kernel_calls_unknown=0, kernels={},
+                 top_xla_ops=[]) for g in OP_GROUPS}
+  for r in records:
+    g = out[r["group"]]
+    if r["kernel"] is not None:
+      g["kernel_calls"] += 1
+      c = kernel_cycles(r)
+      if c is None:
+        g["kernel_calls_unknown"] += 1
+      else:
+        g["kernel_cycles"] += c
+        kk = f"{r['kernel']} ({r['direction']})"
+        g["kernels"][kk] = g["kernels"].get(kk, 0) + c
+    elif r["cycles"]:
+      g["xla_cycles"] += r["cycles"]
+      g[f"xla_{r['direction']}_cycles"] += r["cycles"]
+      g["xla_ops"] += 1
+      g["top_xla_ops"].append(r)
+  for g in out.values():
+    g["top_xla_ops"] = [
+        dict(name=r["name"], opcode=r["opcode"], shape=r["shape"], cycles=r["cycles"],
+             direction=r["direction"], op_name=_short_op_name(r["op_name"]),
+             inherited=bool(r.get("inherited")))
+        for r in sorted(g["top_xla_ops"], key=lambda r: -r["cycles"])[:top]]
+  return out
+
+
+def _short_op_name(op_name: str) -> str:
+  """'jit(fn)/transpose(jvp(RIN))/RIN._blocks/block_0/read/div' -> 'bwd block_0/read/div'."""
+  s = re.sub(r"^jit\(fn\)/", "", op_name)
+  s = re.sub(r"^(transpose\()?jvp\(RIN\)\)?/(RIN\._blocks/)?", "", s)
+  return s
 
 
 def _kernel_name_of(line: str):
@@ -386,8 +572,75 @@ def _libtpu_env(gen: str, flags: str = ""):
   return env
 
 
-def worker_steps(gen, configs, modes, impls, batch):
-  """Whole steps: XLA cycles, kernel calls, clock calibration."""
+# kernels.api op/shape-class prefix -> the op group of its calls.
+CLASS_GROUPS = {"attention": "latent_attn", "read": "read", "write": "write"}
+
+
+class _recording_op_classes:
+  """Context: {group: set of kernels.api.shape_class keys} of the kernel-backed ops traced
+  inside (kernels.api.resolve_implementation sees each op's key)."""
+
+  def __enter__(self):
+    from kernels import api
+    self.api, self.orig, self.classes = api, api.resolve_implementation, {}
+
+    def rec(implementation, op_key=None):
+      if op_key is not None:
+        g = CLASS_GROUPS.get(op_key.split(":")[0])
+        if g:
+          self.classes.setdefault(g, set()).add(op_key)
+      return self.orig(implementation, op_key)
+
+    api.resolve_implementation = rec
+    return self.classes
+
+  def __exit__(self, *exc):
+    self.api.resolve_implementation = self.orig
+
+
+def wins_rows(result):
+  """{shape_class: row} for kernels/pallas_tpu/cost_table.WINS from a result with both
+  implementations of a step: per kernel-backed group with one op class, the group's total
+  us per step (kernels + XLA ops) in each path. Train steps only (what a default is for)."""
+  rows = {}
+  for g in result["generations"]:
+    by = {(s["config"], s["mode"], s["impl"]): s for s in g["steps"] if "groups" in s}
+    for (cfg, mode, impl), p in by.items():
+      x = by.get((cfg, mode, "xla"))
+      if impl != "pallas_tpu" or mode != "train" or x is None:
+        continue
+      for grp, keys in p.get("op_classes", {}).items():
+        if len(keys) != 1:
+          continue
+        rows[keys[0]] = dict(
+            pallas_tpu_us=round(p["groups"][grp]["total_us"], 1),
+            xla_us=round(x["groups"][grp]["total_us"], 1),
+            device=f"{g['generation']} (XLA:TPU cost model ESTIMATE, {cfg} {mode}, batch "
+                   f"{result['batch']}, op group {grp})",
+            source=f"bench/results/tpu_static/{result['tag']}.json")
+  return rows
+
+
+def write_wins(rows, path=None):
+  """Rewrites WINS in kernels/pallas_tpu/cost_table.py (docstring kept; other keys kept)."""
+  import importlib
+  from kernels.pallas_tpu import cost_table
+  path = path or cost_table.__file__
+  src = open(path).read()
+  old = dict(importlib.reload(cost_table).WINS) if path == cost_table.__file__ else {}
+  old.update(rows)
+  head = src[: src.index("\nWINS: dict") + 1]
+  body = "".join(f"    {k!r}: {{\n" + "".join(f"        {f!r}: {v!r},\n"
+                                             for f, v in sorted(old[k].items())) + "    },\n"
+                 for k in sorted(old))
+  open(path, "w").write(head + "WINS: dict[str, dict] = {\n" + body + "}\n")
+  return old
+
+
+def worker_steps(gen, configs, modes, impls, batch, hlo_dir=None):
+  """Whole steps: XLA cycles, kernel calls, clock calibration; each op's record with its
+  model-op group (attribute) for the per-group tables; the compiled HLO text gzipped into
+  hlo_dir if given."""
   import jax
   import jax.numpy as jnp
   topo, sds = _placed(GENERATIONS[gen][0])
@@ -397,13 +650,22 @@ def worker_steps(gen, configs, modes, impls, batch):
       for impl in impls:
         t0 = time.time()
         fn, args = step_fn(cfg, impl, mode, batch, sds)
-        jaxpr = jax.make_jaxpr(fn)(*args)
+        with _recording_op_classes() as classes:
+          jaxpr = jax.make_jaxpr(fn)(*args)
         kernels = {}
         for e in find_kernels(jaxpr):
           k = kernel_key(e)
           kernels[k] = kernels.get(k, 0) + 1
         compiled = jax.jit(fn).lower(*args).compile()
-        ops = hlo_ops(compiled.as_text())
+        text = compiled.as_text()
+        if hlo_dir:
+          import gzip
+          os.makedirs(hlo_dir, exist_ok=True)
+          with gzip.open(os.path.join(hlo_dir, f"{gen}_{cfg}_{mode}_{impl}.hlo.txt.gz"),
+                         "wt") as f:
+            f.write(text)
+        records = attribute(hlo_records(text))
+        ops = [(r["name"], r["opcode"], r["cycles"], r["kernel"]) for r in records]
         xla_cycles = sum(c for _, op, c, k in ops if c is not None and k is None)
         calls = [k for _, _, _, k in ops if k is not None]
         top = sorted(((c, n, op) for n, op, c, k in ops if c and k is None), reverse=True)[:12]
@@ -417,7 +679,12 @@ def worker_steps(gen, configs, modes, impls, batch):
             ops_without_estimate=no_est, kernel_calls_hlo=len(calls),
             kernel_calls_jaxpr=kernels, top_xla_ops=[dict(cycles=c, name=n, opcode=o)
                                                      for c, n, o in top],
-            compile_s=round(time.time() - t0, 1)))
+            compile_s=round(time.time() - t0, 1),
+            op_classes={g: sorted(v) for g, v in classes.items()},
+            op_records=[{k: r[k] for k in ("name", "opcode", "cycles", "kernel", "op_name",
+                                           "shape", "in_shapes", "group", "direction")}
+                        | ({"inherited": True} if r.get("inherited") else {})
+                        for r in records if r["cycles"] or r["kernel"]]))
         print(f"[{gen}] {cfg} {mode} {impl}: {xla_cycles} XLA cycles, {len(calls)} kernel "
               f"calls ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
   return out
@@ -488,15 +755,37 @@ def _export(fn, args, path):
     f.write(exp.serialize())
 
 
-def worker_kernels(gen, configs, modes, batch):
-  """Each distinct Pallas kernel of the pallas_tpu steps compiled alone."""
+def _reused(path, gen):
+  """(kernels, calibration) records of generation `gen` in an earlier result JSON."""
+  if not path:
+    return {}, {}
+  for g in json.load(open(path))["generations"]:
+    if g["generation"] == gen:
+      keep = ("name", "grid", "flops", "llo_ops_per_step", "llo_classes", "llo_exact",
+              "vmem_bytes", "semantics", "profile_cycles")
+      ks = {k: dict({f: v[f] for f in keep if f in v}, reused_from=path)
+            for k, v in g["kernels"].items() if v.get("profile_cycles")}
+      cal = {c["name"]: dict(c, reused_from=path) for c in g["calibration"]
+             if c.get("profile_cycles")}
+      return ks, cal
+  return {}, {}
+
+
+def worker_kernels(gen, configs, modes, batch, reuse=None):
+  """Each distinct Pallas kernel of the pallas_tpu steps compiled alone. With `reuse` (an
+  earlier result JSON), a kernel whose key (name, grid, input shapes) is there, with a
+  profile, takes that record instead of being compiled and profiled again."""
   import jax
   import jax.numpy as jnp
   from jax._src.pallas import pallas_call as pc
   dump_dir, export_dir = os.environ["RIN_TPU_STATIC_DUMP"], os.environ["RIN_TPU_STATIC_EXPORT"]
   topo, sds = _placed(GENERATIONS[gen][0])
   out = {"calibration": [], "kernels": {}, "exports": []}
+  reused_kernels, reused_cal = _reused(reuse, gen)
   for name, f, n in _calibration_kernels():
+    if name in reused_cal:
+      out["calibration"].append(reused_cal[name])
+      continue
     a = sds((n, n), jnp.bfloat16)
     e = find_kernels(jax.make_jaxpr(f)(a, a))[0]
     flops, conds = kernel_flops_and_conds(e)
@@ -516,6 +805,10 @@ def worker_kernels(gen, configs, modes, batch):
       for e in find_kernels(jax.make_jaxpr(fn)(*args)):
         key = kernel_key(e)
         if key in out["kernels"]:
+          continue
+        if key in reused_kernels:
+          out["kernels"][key] = reused_kernels[key]
+          print(f"[{gen}] kernel {key[:100]} reused from {reuse}", file=sys.stderr, flush=True)
           continue
         t0 = time.time()
         flops, conds = kernel_flops_and_conds(e)
@@ -608,7 +901,9 @@ def worker_profile(gen, exports, start, results_path):
 def _worker_cmd(kind, gen, args, outf):
   return [sys.executable, "-m", "bench.tpu_static", "--_worker", kind, "--_out", outf,
           "--gens", gen, "--configs", ",".join(args.configs), "--modes", ",".join(args.modes),
-          "--impls", ",".join(args.impls), "--batch", str(args.batch)]
+          "--impls", ",".join(args.impls), "--batch", str(args.batch)] + (
+              ["--reuse-kernels", args.reuse_kernels] if args.reuse_kernels else []) + (
+              ["--hlo-dir", args.hlo_dir] if args.hlo_dir else [])
 
 
 def run_generation(gen, args):
@@ -675,6 +970,19 @@ def combine(gen, steps, kern):
                  profile_cycles=c["profile_cycles"]) for c in kern["calibration"]]
   rows = []
   for s in steps["steps"]:
+    s = dict(s)
+    records = s.pop("op_records", None)
+    if records is not None:
+      keys = list(s["kernel_calls_jaxpr"])
+
+      def call_cycles(r, keys=keys):
+        k = kernels.get(kernel_key_of_call(r, keys) or "")
+        return k["profile_cycles"] if k and k.get("profile_cycles") else None
+
+      s["groups"] = group_costs(records, call_cycles)
+      for g in s["groups"].values():
+        g.update(xla_us=g["xla_cycles"] / hz * 1e6, kernel_us=g["kernel_cycles"] / hz * 1e6,
+                 total_us=(g["xla_cycles"] + g["kernel_cycles"]) / hz * 1e6)
     kc = 0
     missing = []
     for key, n in s["kernel_calls_jaxpr"].items():
@@ -683,13 +991,39 @@ def combine(gen, steps, kern):
         missing.append(key)
         continue
       kc += n * k["profile_cycles"]
-    total = s["xla_cycles"] + kc
-    rows.append(dict(s, kernel_cycles=kc, total_cycles=total, xla_ms=s["xla_cycles"] / hz * 1e3,
-                     kernel_ms=kc / hz * 1e3, total_ms=total / hz * 1e3,
-                     kernels_without_profile=missing))
+    rows.append(step_totals(dict(s, kernel_cycles_jaxpr=kc, kernels_without_profile=missing),
+                            hz))
   return dict(generation=gen, clock=steps["clock"], vmatmul_flops=vm_flops,
               calibration=kern["calibration"], calibration_checks=checks, kernels=kernels,
               steps=rows)
+
+
+def step_totals(s, hz):
+  """kernel/total cycles and ms of one step row. Kernel cycles: the sum over the kernel
+  calls left in the compiled HLO (per group, group_costs) when every one of them has a
+  profile; else n x profile over the jaxpr's calls (kernel_cycles_jaxpr), which also counts
+  calls XLA removes as dead (the self-conditioning pass's last write block)."""
+  kc = s["kernel_cycles_jaxpr"]
+  source = "jaxpr calls"
+  groups = s.get("groups")
+  if groups and not any(g["kernel_calls_unknown"] for g in groups.values()):
+    kc, source = sum(g["kernel_cycles"] for g in groups.values()), "hlo calls"
+  total = s["xla_cycles"] + kc
+  return dict(s, kernel_cycles=kc, kernel_cycles_source=source, total_cycles=total,
+              xla_ms=s["xla_cycles"] / hz * 1e3, kernel_ms=kc / hz * 1e3,
+              total_ms=total / hz * 1e3)
+
+
+def remake(path):
+  """Re-derives the step totals of a result JSON (step_totals) and rewrites it and its .md."""
+  result = json.load(open(path))
+  for g in result["generations"]:
+    for i, s in enumerate(g["steps"]):
+      s.setdefault("kernel_cycles_jaxpr", s["kernel_cycles"])
+      g["steps"][i] = step_totals(s, g["clock"]["hz"])
+  json.dump(result, open(path, "w"), indent=1)
+  open(path[:-len(".json")] + ".md", "w").write(markdown(result))
+  return result
 
 
 def markdown(result) -> str:
@@ -719,6 +1053,16 @@ def markdown(result) -> str:
                  f"{s['kernel_ms']:.2f}) | {x['total_ms']:.2f} | {ratio} | "
                  f"{s['kernel_calls_hlo']} |" if x else
                  f"| {cfg} | {mode} | {s['total_ms']:.2f} | - | - | {s['kernel_calls_hlo']} |")
+    for s in g["steps"]:
+      if s.get("kernel_cycles_source") == "hlo calls" and (
+          s["kernel_cycles"] != s.get("kernel_cycles_jaxpr", s["kernel_cycles"])):
+        hz = g["clock"]["hz"]
+        out += ["", f"{s['config']} {s['mode']} {s['impl']}: kernel time counts the "
+                f"{s['kernel_calls_hlo']} kernel calls of the compiled HLO; the jaxpr has "
+                f"{sum(s['kernel_calls_jaxpr'].values())} (XLA removes the dead ones), which "
+                f"would give {s['kernel_cycles_jaxpr'] / hz * 1e3:.2f} ms of kernels, "
+                f"{(s['xla_cycles'] + s['kernel_cycles_jaxpr']) / hz * 1e3:.2f} ms in all "
+                "(how tables before scopes_v5e counted)."]
     out += ["", "Per kernel (one call; LLO op counts per grid step, loops and pl.when weighted):",
             "", "| kernel | grid | calls/step (cfg mode: n) | MFLOP | MXU proxy | vmatmul | "
             "vector ALU | vld | vst | DMA | VMEM KiB | cycles | us |",
@@ -737,12 +1081,77 @@ def markdown(result) -> str:
                  f"{prox} | {c['vmatmul']:.0f} | {c['vector_alu']:.0f} | {c['vector_load']:.0f} "
                  f"| {c['vector_store']:.0f} | {c['dma']:.0f} | {vm} | "
                  f"{k['profile_cycles'] or '-'} | {us} |")
+    out += group_markdown(g)
     out += ["", "Largest XLA ops of each step (estimated cycles):", ""]
     for s in g["steps"]:
       tops = ", ".join(f"{t['name']} {t['cycles']}" for t in s["top_xla_ops"][:5])
       out.append(f"- {s['config']} {s['mode']} {s['impl']}: {tops}")
     out.append("")
   return "\n".join(out)
+
+
+KERNEL_GROUPS = ("read", "write", "latent_attn")
+
+
+def group_markdown(g) -> list:
+  """Per-group tables of one generation: each step's groups, then xla vs pallas_tpu side
+  by side with the pallas path's largest XLA ops in the kernel-backed groups (its glue)."""
+  hz = g["clock"]["hz"]
+  us = lambda c: c / hz * 1e6
+  out = []
+  by = {(s["config"], s["mode"], s["impl"]): s for s in g["steps"] if "groups" in s}
+  if not by:
+    return out
+  out += ["", "Per model op (ESTIMATES; each XLA op is put in the group its HLO op_name, the "
+          "jax/flax name stack, names; a fusion carries the name of one of the ops it fuses; "
+          "an op without a name (layout copy, parameter convert) takes its first named "
+          "operand's group). Groups: " + "; ".join(f"{k}: {v}" for k, v in GROUP_DOC.items())
+          + ".", ""]
+  for (cfg, mode, impl), s in by.items():
+    if impl != "pallas_tpu" or (cfg, mode, "xla") not in by:
+      continue
+    x = by[(cfg, mode, "xla")]
+    out += [f"### {cfg} {mode}: xla vs pallas_tpu per op group (us per step, estimate)", "",
+            "| group | xla path: XLA us (fwd + bwd) | pallas: kernel us (calls) | pallas: XLA "
+            "us around them (fwd + bwd) | pallas total us | pallas - xla us |",
+            "|---|---:|---:|---:|---:|---:|"]
+    tot = [0.0, 0.0, 0.0]
+    for name in OP_GROUPS:
+      a, b = x["groups"][name], s["groups"][name]
+      unk = f", {b['kernel_calls_unknown']} without profile" if b["kernel_calls_unknown"] else ""
+      out.append(f"| {name} | {a['xla_us']:.0f} ({us(a['xla_fwd_cycles']):.0f} + "
+                 f"{us(a['xla_bwd_cycles']):.0f}) | {b['kernel_us']:.0f} ({b['kernel_calls']}"
+                 f"{unk}) | {b['xla_us']:.0f} ({us(b['xla_fwd_cycles']):.0f} + "
+                 f"{us(b['xla_bwd_cycles']):.0f}) | {b['total_us']:.0f} | "
+                 f"{b['total_us'] - a['total_us']:+.0f} |")
+      tot[0] += a["total_us"]
+      tot[1] += b["kernel_us"]
+      tot[2] += b["xla_us"]
+    out += [f"| all | {tot[0]:.0f} | {tot[1]:.0f} | {tot[2]:.0f} | {tot[1] + tot[2]:.0f} | "
+            f"{tot[1] + tot[2] - tot[0]:+.0f} |", ""]
+    for name in KERNEL_GROUPS:
+      a, b = x["groups"][name], s["groups"][name]
+      ks = ", ".join(f"{k} {us(c):.0f}" for k, c in sorted(b["kernels"].items(),
+                                                          key=lambda kv: -kv[1]))
+      out += [f"{name}: xla path {a['xla_us']:.0f} us of XLA ops in {a['xla_ops']} ops; pallas "
+              f"path {b['kernel_us']:.0f} us of kernels ({ks or 'none'}) + {b['xla_us']:.0f} us "
+              f"of XLA glue in {b['xla_ops']} ops. Largest glue ops (pallas path):", "",
+              "| op | opcode | shape | dir | us | op_name |", "|---|---|---|---|---:|---|"]
+      for t in b["top_xla_ops"][:10]:
+        inh = " (inherited)" if t["inherited"] else ""
+        out.append(f"| {t['name']} | {t['opcode']} | `{t['shape'][:60]}` | {t['direction']} | "
+                   f"{us(t['cycles']):.1f} | `{t['op_name'][:90]}`{inh} |")
+      out += ["", f"Largest XLA ops of {name} in the xla path: " + ", ".join(
+          f"{t['name']} ({t['opcode']} `{t['shape'][:40]}` {t['direction']}) {us(t['cycles']):.1f}"
+          for t in a["top_xla_ops"][:6]), ""]
+  for (cfg, mode, impl), s in by.items():
+    if (cfg, mode, "xla" if impl == "pallas_tpu" else "pallas_tpu") in by:
+      continue
+    out += [f"### {cfg} {mode} {impl} per op group (us per step, estimate)", "",
+            "| group | XLA us | kernel us | total us |", "|---|---:|---:|---:|"]
+    out += [f"| {n} | {s['groups'][n]['xla_us']:.0f} | {s['groups'][n]['kernel_us']:.0f} | "
+            f"{s['groups'][n]['total_us']:.0f} |" for n in OP_GROUPS] + [""]
+  return out
 
 
 def main(argv=None) -> int:
@@ -754,6 +1163,16 @@ def main(argv=None) -> int:
   ap.add_argument("--batch", type=int, default=32, help="batch per chip")
   ap.add_argument("--tag", default="latest", help="result file name")
   ap.add_argument("--out", default=os.path.join("bench", "results", "tpu_static"))
+  ap.add_argument("--reuse-kernels", default=None, metavar="JSON",
+                  help="earlier result JSON: kernels with the same key (name, grid, input "
+                       "shapes) and the calibration kernels take its profiles instead of "
+                       "being compiled and profiled again (said in the tables)")
+  ap.add_argument("--hlo-dir", default=None, help="keep each step's compiled HLO (gzipped)")
+  ap.add_argument("--remake", default=None, metavar="JSON",
+                  help="re-derive the step totals of a result JSON and rewrite its .md")
+  ap.add_argument("--write-wins", action="store_true",
+                  help="write each kernel-backed op class's pallas_tpu and xla us per train "
+                       "step into kernels/pallas_tpu/cost_table.py WINS (the TPU default)")
   ap.add_argument("--_worker", choices=("steps", "kernels", "profile"), help=argparse.SUPPRESS)
   ap.add_argument("--_out", help=argparse.SUPPRESS)
   ap.add_argument("--_start", type=int, default=0, help=argparse.SUPPRESS)
@@ -774,15 +1193,20 @@ def main(argv=None) -> int:
   if args.batch < 1:
     raise ValueError(f"--batch must be >= 1, got {args.batch}")
 
+  if args.remake:
+    result = remake(args.remake)
+    if args.write_wins:
+      print(len(write_wins(wins_rows(result))), "WINS entries")
+    return 0
   if args._worker:
     gen = args.gens[0]
     if args._worker == "profile":
       worker_profile(gen, json.load(open(args._exports)), args._start, args._out)
       return 0
     if args._worker == "steps":
-      res = worker_steps(gen, args.configs, args.modes, args.impls, args.batch)
+      res = worker_steps(gen, args.configs, args.modes, args.impls, args.batch, args.hlo_dir)
     else:
-      res = worker_kernels(gen, args.configs, args.modes, args.batch)
+      res = worker_kernels(gen, args.configs, args.modes, args.batch, args.reuse_kernels)
     json.dump(res, open(args._out, "w"))
     return 0
 
@@ -803,6 +1227,8 @@ def main(argv=None) -> int:
   json.dump(result, open(base + ".json", "w"), indent=1)
   md_text = markdown(result)
   open(base + ".md", "w").write(md_text)
+  if args.write_wins:
+    print(len(write_wins(wins_rows(result))), "WINS entries", file=sys.stderr)
   print(md_text)
   return 0
 

@@ -8,10 +8,13 @@ Implementations:
 `implementation=None` picks the platform default. On GPU that default is measured, not
 assumed: Triton only for the op/shape classes where a GPU measurement committed in
 kernels/triton_gpu/autotune_table.py (WINS, filled by bench/gpu_suite.sh) shows it beating
-XLA, "xla" otherwise, said once in the log per class. On TPU it is "xla" for every op:
-the TPU compiler's own cost model (bench/results/tpu_static/after_v5e.md, an estimate, no
-TPU here) puts the pallas_tpu CIFAR-10 train step at 1.29x the xla step's time, so no
-kernel has shown a win yet; implementation="pallas_tpu" forces the kernels. `precision=` follows
+XLA, "xla" otherwise, said once in the log per class. On TPU the same rule runs over
+kernels/pallas_tpu/cost_table.py (WINS, filled by `bench.tpu_static --write-wins` from the
+TPU compiler's own cost model: an estimate, no TPU measured): the Pallas kernels only for a
+class whose estimated time per train step, kernels plus the XLA ops around them, beats
+XLA's fusion of the same op. Today no class does (bench/results/tpu_static/scopes_v5e.md,
+imagenet64_v5e.md: read, write and latent attention each lose), so it is "xla" for every
+op; implementation="pallas_tpu" forces the kernels. `precision=` follows
 kernels/precision.py (None: TF32 for fp32 dots, as XLA; "highest": exact fp32).
 `interpret=True` runs a kernel implementation in its interpreter on CPU (it has no effect on "xla"). An
 implementation that is known but not importable here raises instead of silently
@@ -37,11 +40,12 @@ _BACKEND_MODULES = {
     "triton": "kernels.triton_gpu",
 }
 IMPLEMENTATIONS = tuple(_BACKEND_MODULES)
-# TPU: "xla" until a bench.tpu_static table shows a kernel beating XLA's fusion of its op
-# (module docstring); GPU: "triton", narrowed per op/shape class by the measured WINS table.
+# TPU: "xla", widened per op/shape class to "pallas_tpu" where cost_table.WINS (TPU cost
+# model) shows the kernels winning; GPU: "triton", narrowed per class by the measured WINS.
 _PLATFORM_DEFAULT = {"tpu": "xla", "gpu": "triton", "cuda": "triton"}
-TPU_DEFAULT_REASON = ("the TPU compiler's cost model puts the pallas_tpu train step at 1.29x "
-                      "the xla step (bench/results/tpu_static/after_v5e.md)")
+TPU_DEFAULT_REASON = ("per op class by kernels/pallas_tpu/cost_table.py WINS, the TPU "
+                      "compiler's cost-model estimate; bench/results/tpu_static/scopes_v5e.md: "
+                      "no kernel-backed op beats XLA's fusion of it yet")
 _GPU_PLATFORMS = ("gpu", "cuda")
 _LOGGED: set = set()
 
@@ -60,25 +64,40 @@ def shape_class(op: str, *arrays, heads: int = 0, dtype=None) -> str:
   return f"{op}:{dims}" + (f":h{heads}" if heads else "") + f":{dt}"
 
 
-def _measured_default(op_key: str) -> str:
-  """GPU default for one op/shape class: "triton" only where a committed GPU measurement
-  shows it faster than XLA."""
+# platform -> (module with the WINS table, the kernel implementation it can choose).
+_WINS_TABLES = {"gpu": ("kernels.triton_gpu.autotune_table", "triton"),
+                "tpu": ("kernels.pallas_tpu.cost_table", "pallas_tpu")}
+_WINS_SOURCE = {"gpu": "GPU measurement", "tpu": "TPU cost-model estimate (bench.tpu_static)"}
+
+
+def _measured_default(op_key: str, platform: str = "gpu") -> str:
+  """Default for one op/shape class on `platform` ("gpu" or "tpu"): the kernel
+  implementation only where its committed WINS row (a GPU measurement; on TPU the TPU
+  compiler's cost model, bench.tpu_static) shows it faster than XLA."""
+  module, impl = _WINS_TABLES[platform]
+  what = _WINS_SOURCE[platform]
   try:
-    from kernels.triton_gpu import autotune_table
-    wins = getattr(autotune_table, "WINS", {})
+    wins = getattr(importlib.import_module(module), "WINS", {})
   except ImportError as e:
-    _log_once(("noimport",), "implementation=None on GPU: kernels.triton_gpu does not "
-              "import (%s); using 'xla'", e)
+    _log_once(("noimport", platform), "implementation=None on %s: %s does not import (%s); "
+              "using 'xla'", platform.upper(), module, e)
     return "xla"
   row = wins.get(op_key)
-  if row and row.get("triton_us", float("inf")) < row.get("xla_us", 0.0):
-    _log_once(op_key, "implementation=None on GPU: %s -> 'triton' (measured %.1f us vs "
-              "xla %.1f us on %s)", op_key, row["triton_us"], row["xla_us"],
-              row.get("device", "?"))
-    return "triton"
-  _log_once(op_key, "implementation=None on GPU: no committed GPU measurement shows "
-            "Triton beating XLA for %s; using 'xla' (implementation='triton' forces it)",
-            op_key)
+  if row and row.get(f"{impl}_us", float("inf")) < row.get("xla_us", 0.0):
+    _log_once((platform, op_key), "implementation=None on %s: %s -> %r (%s %.1f us vs "
+              "xla %.1f us on %s)", platform.upper(), op_key, impl, what, row[f"{impl}_us"],
+              row["xla_us"], row.get("device", "?"))
+    return impl
+  if row:
+    _log_once((platform, op_key), "implementation=None on %s: %s -> 'xla' (%s: %s %.1f us "
+              "vs xla %.1f us on %s); implementation=%r forces the kernels", platform.upper(),
+              op_key, what, impl, row.get(f"{impl}_us", float("nan")), row.get("xla_us",
+                                                                          float("nan")),
+              row.get("device", "?"), impl)
+  else:
+    _log_once((platform, op_key), "implementation=None on %s: no committed %s shows %r "
+              "beating XLA for %s; using 'xla' (implementation=%r forces it)",
+              platform.upper(), what, impl, op_key, impl)
   return "xla"
 
 
@@ -111,7 +130,7 @@ def default_implementation(platform: str | None = None) -> str:
   platform = platform or jax.default_backend()
   name = _PLATFORM_DEFAULT.get(platform, "xla")
   if platform == "tpu":
-    _log_once(("tpu_default",), "implementation=None on TPU: using 'xla' (%s); "
+    _log_once(("tpu_default",), "implementation=None on TPU: 'xla' unless chosen %s; "
               "implementation='pallas_tpu' forces the kernels", TPU_DEFAULT_REASON)
   if name != "xla":
     try:
@@ -124,13 +143,16 @@ def default_implementation(platform: str | None = None) -> str:
 
 
 def resolve_implementation(implementation: str | None, op_key: str | None = None) -> str:
-  """implementation, or for None the platform default; on GPU, with `op_key` (a
-  shape_class), the measured per-class default (module docstring)."""
+  """implementation, or for None the platform default; on GPU and TPU, with `op_key` (a
+  shape_class), the per-class default of that platform's WINS table (module docstring)."""
   if implementation is None:
     name = default_implementation()
-    if name == "triton" and op_key is not None and (
-        jax.default_backend() in _GPU_PLATFORMS):
-      name = _measured_default(op_key)
+    platform = jax.default_backend()
+    if op_key is not None:
+      if name == "triton" and platform in _GPU_PLATFORMS:
+        name = _measured_default(op_key, "gpu")
+      elif platform == "tpu":
+        name = _measured_default(op_key, "tpu")
     return name
   _backend(implementation)  # validates the name and importability
   return implementation

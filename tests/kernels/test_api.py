@@ -196,3 +196,43 @@ def test_gpu_default_is_measured_per_shape_class(monkeypatch):
   monkeypatch.setattr(autotune_table, "WINS", {key: dict(triton_us=3.0, xla_us=2.0)})
   assert api.resolve_implementation(None, key) == "xla"        # measured slower
   assert api.resolve_implementation("triton", key) == "triton"  # explicit always runs
+
+
+def test_tpu_default_is_chosen_per_shape_class_by_the_cost_table(monkeypatch):
+  # Same WINS rule as the GPU's, over kernels/pallas_tpu/cost_table.py (bench.tpu_static
+  # --write-wins): the kernels only for a class whose estimate beats XLA's.
+  from kernels import api
+  from kernels.pallas_tpu import cost_table
+  monkeypatch.setattr(api.jax, "default_backend", lambda: "tpu")
+  q = jnp.zeros((1, 8, 2, 16), jnp.bfloat16)
+  key = api.shape_class("attention", q, q)
+  monkeypatch.setattr(cost_table, "WINS", {})
+  assert api.resolve_implementation(None, key) == "xla"             # nothing estimated
+  assert api.resolve_implementation(None) == "xla"                  # no class: xla
+  monkeypatch.setattr(cost_table, "WINS", {key: dict(pallas_tpu_us=1.0, xla_us=2.0)})
+  assert api.resolve_implementation(None, key) == "pallas_tpu"      # estimated faster
+  assert api.resolve_implementation(None, "read:other:bfloat16") == "xla"
+  monkeypatch.setattr(cost_table, "WINS", {key: dict(pallas_tpu_us=3.0, xla_us=2.0)})
+  assert api.resolve_implementation(None, key) == "xla"             # estimated slower
+  assert api.resolve_implementation("pallas_tpu", key) == "pallas_tpu"  # explicit runs
+  # The committed table: every row has both estimates.
+  for row in cost_table.WINS.values():
+    assert row["pallas_tpu_us"] > 0 and row["xla_us"] > 0
+
+
+def test_tpu_default_of_a_model_follows_the_cost_table(monkeypatch):
+  # Through the model: a class marked as a win dispatches to the pallas_tpu module.
+  from kernels import api
+  from kernels.pallas_tpu import cost_table
+  import kernels.pallas_tpu as P
+  monkeypatch.setattr(api.jax, "default_backend", lambda: "tpu")
+  q = jnp.zeros((1, 8, 2, 16), jnp.float32)
+  key = api.shape_class("attention", q, q)
+  calls = []
+  monkeypatch.setattr(P, "cross_attention", lambda *a, **k: calls.append(1) or a[0])
+  monkeypatch.setattr(cost_table, "WINS", {key: dict(pallas_tpu_us=1.0, xla_us=2.0)})
+  kernels.cross_attention(q, q, q)
+  assert calls == [1]
+  monkeypatch.setattr(cost_table, "WINS", {key: dict(pallas_tpu_us=3.0, xla_us=2.0)})
+  kernels.cross_attention(q, q, q)
+  assert calls == [1]

@@ -42,3 +42,30 @@ def test_tolerance_table():
   assert oc.tolerance("triton", jnp.float16, grad=True) == 4 * oc.tolerance("triton", jnp.float16)
   assert oc.tolerance("pallas_tpu", jnp.bfloat16) == 3e-2
   assert max(_TOLS) < 0.1
+
+
+def test_bf16_bound_follows_xlas_own_error_per_row_and_has_no_floor():
+  # A value off by more than the tolerance passes only where XLA's own bf16 result is off
+  # by at least half as much in the same row (XLA_BF16_FACTOR = 2); nowhere else, and a
+  # 10% error of a whole leaf fails whatever XLA does.
+  tol = oc.tolerance("pallas_tpu", jnp.bfloat16, grad=True)
+  rng = np.random.default_rng(1)
+  want = {"g": rng.normal(size=(8, 32))}
+  rms = np.sqrt(np.mean(want["g"] ** 2))
+  err = 3 * tol * (abs(want["g"][2, 5]) + rms)              # 3x the tolerance bound
+  got = {"g": want["g"].copy()}
+  got["g"][2, 5] += err
+  with pytest.raises(AssertionError, match="1 of 256 values off"):
+    oc.assert_close(got, want, tol=tol)                    # no XLA baseline: fails
+  xla_near = {"g": want["g"].copy()}                       # XLA exact in that row: fails
+  with pytest.raises(AssertionError, match="XLA's bf16 bound"):
+    oc.assert_close(got, want, tol=tol, xla=xla_near)
+  xla_off = {"g": want["g"].copy()}
+  xla_off["g"][2, 30] -= 0.6 * err                         # XLA as bad in that row: passes
+  oc.assert_close(got, want, tol=tol, xla=xla_off)
+  xla_other_row = {"g": want["g"].copy()}
+  xla_other_row["g"][3, 5] -= 0.6 * err                    # ... but only in that row
+  with pytest.raises(AssertionError, match="values off"):
+    oc.assert_close(got, want, tol=tol, xla=xla_other_row)
+  with pytest.raises(AssertionError, match="rms err"):      # 10% everywhere: fails
+    oc.assert_close({"g": want["g"] * 1.1}, want, tol=tol, xla={"g": want["g"] * 1.05})
