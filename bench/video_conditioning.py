@@ -90,6 +90,57 @@ def _parse_sets(sets) -> dict:
   return out
 
 
+def _moving_digits(cfg, size: int, frames: int, speed: float):
+  """(train, test) moving-digits splits at the config's digit size and count, `speed` px/frame."""
+  from rin import video_data
+  if speed < 0:
+    raise ValueError(f"--speed must be >= 0 px/frame, got {speed}")
+  kw = dict(num_frames=frames, image_size=size, digit_size=cfg.data.digit_size,
+            num_digits=cfg.data.num_digits, speed=(min(0.5, speed), speed))
+  return (video_data.make_moving_digits("train", num_videos=4096, **kw),
+          video_data.make_moving_digits("test", num_videos=128, **kw))
+
+
+def _fit_and_score(predict, params, tx, train, test, cond_frames: int, *, steps: int,
+                   batch_size: int, seed: int, log_every: int) -> dict:
+  """The regression both `regress` and `conv_control` run: `predict(params, cond, key)` ->
+  continuation, MSE, `steps` steps of `tx` on random training batches; then the loss curve
+  and the test PSNR beside copying the last frame and the mean frame."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  fc = cond_frames
+  as_float = lambda u8: jnp.asarray(u8, jnp.float32) * (2 / 255) - 1
+
+  @jax.jit
+  def step_fn(p, s, clip, key):
+    loss, grads = jax.value_and_grad(
+        lambda p: jnp.mean((predict(p, clip[:, :fc], key) - clip[:, fc:]) ** 2))(p)
+    updates, s = tx.update(grads, s, p)
+    return optax.apply_updates(p, updates), s, loss
+
+  rng, opt_state = jax.random.PRNGKey(seed), tx.init(params)
+  order = np.random.default_rng(seed)
+  losses, curve, t0 = [], [], time.time()
+  for i in range(steps):
+    idx = order.integers(0, len(train.images), batch_size)
+    params, opt_state, loss = step_fn(params, opt_state, as_float(train.images[idx]),
+                                      jax.random.fold_in(rng, i))
+    losses.append(float(loss))
+    if (i + 1) % log_every == 0 or i + 1 == steps:
+      curve.append((i + 1, round(float(np.mean(losses[-log_every:])), 4)))
+      print(f"step {i + 1}: loss {curve[-1][1]} ({time.time() - t0:.0f} s)", flush=True)
+  clip = as_float(test.images)
+  cond, truth = clip[:, :fc], clip[:, fc:]
+  out = jnp.clip(predict(params, cond, rng), -1, 1)
+  return {"loss_curve": curve, "test_psnr": round(_psnr(out, truth), 2),
+          "copy_last_psnr": round(_psnr(jnp.repeat(cond[:, -1:], truth.shape[1], 1), truth), 2),
+          "mean_frame_psnr": round(_psnr(jnp.broadcast_to(truth.mean(0, keepdims=True),
+                                                          truth.shape), truth), 2),
+          "seconds": round(time.time() - t0, 1)}
+
+
 def regress(config_path: str = DEFAULT_CONFIG, *, steps: int = 1200, batch_size: int = 16,
             optimizer: str = "adam", learning_rate: float = 1e-3, speed: float = 0.0,
             model_overrides: dict | None = None, seed: int = 0, log_every: int = 100,
@@ -97,7 +148,6 @@ def regress(config_path: str = DEFAULT_CONFIG, *, steps: int = 1200, batch_size:
   import jax
   import jax.numpy as jnp
   import optax
-  from rin import video_data
   from rin.model import VideoRIN
 
   cfg = load_config(config_path)
@@ -112,54 +162,24 @@ def regress(config_path: str = DEFAULT_CONFIG, *, steps: int = 1200, batch_size:
   if noisy_input not in ("noise", "zeros"):
     raise ValueError(f"--noisy_input must be 'noise' or 'zeros', got {noisy_input!r}")
   draw = jax.random.normal if noisy_input == "noise" else (lambda key, shape: jnp.zeros(shape))
-  if speed < 0:
-    raise ValueError(f"--speed must be >= 0 px/frame, got {speed}")
   size, frames, fc = model.image_size, model.num_frames, model.cond_frames
-  kw = dict(num_frames=frames, image_size=size, digit_size=cfg.data.digit_size,
-            num_digits=cfg.data.num_digits, speed=(min(0.5, speed), speed))
-  train = video_data.make_moving_digits("train", num_videos=4096, **kw)
-  test = video_data.make_moving_digits("test", num_videos=128, **kw)
-  as_float = lambda u8: jnp.asarray(u8, jnp.float32) * (2 / 255) - 1
-  rng = jax.random.PRNGKey(seed)
+  train, test = _moving_digits(cfg, size, frames, speed)
   shape = (batch_size, frames - fc, size, size, model.channels)
-  params = model.init(rng, jnp.zeros(shape), jnp.zeros(batch_size),
+  params = model.init(jax.random.PRNGKey(seed), jnp.zeros(shape), jnp.zeros(batch_size),
                       jnp.zeros((batch_size, fc) + shape[2:]))["params"]
   tx = optax.adam(learning_rate) if optimizer == "adam" else optax.lamb(learning_rate,
                                                                         weight_decay=0.0)
-  opt_state = tx.init(params)
 
-  def loss_fn(p, clip, key):
-    cond, truth = clip[:, :fc], clip[:, fc:]
-    out, _ = model.apply({"params": p}, draw(key, truth.shape), jnp.zeros(clip.shape[0]), cond)
-    return jnp.mean((out - truth) ** 2)
+  def predict(p, cond, key):
+    b = cond.shape[0]
+    out, _ = model.apply({"params": p}, draw(key, (b,) + shape[1:]), jnp.zeros(b), cond)
+    return out
 
-  @jax.jit
-  def step_fn(p, s, clip, key):
-    loss, grads = jax.value_and_grad(loss_fn)(p, clip, key)
-    updates, s = tx.update(grads, s, p)
-    return optax.apply_updates(p, updates), s, loss
-
-  order = np.random.default_rng(seed)
-  losses, curve, t0 = [], [], time.time()
-  for i in range(steps):
-    idx = order.integers(0, len(train.images), batch_size)
-    params, opt_state, loss = step_fn(params, opt_state, as_float(train.images[idx]),
-                                      jax.random.fold_in(rng, i))
-    losses.append(float(loss))
-    if (i + 1) % log_every == 0 or i + 1 == steps:
-      curve.append((i + 1, round(float(np.mean(losses[-log_every:])), 4)))
-      print(f"step {i + 1}: loss {curve[-1][1]} ({time.time() - t0:.0f} s)", flush=True)
-  clip = as_float(test.images)
-  cond, truth = clip[:, :fc], clip[:, fc:]
-  out, _ = model.apply({"params": params}, draw(rng, truth.shape), jnp.zeros(clip.shape[0]), cond)
-  return {"config": config_path, "model_overrides": model_overrides or {}, "steps": steps,
-          "optimizer": optimizer, "learning_rate": learning_rate, "speed": speed,
-          "noisy_input": noisy_input,
-          "loss_curve": curve, "test_psnr": round(_psnr(jnp.clip(out, -1, 1), truth), 2),
-          "copy_last_psnr": round(_psnr(jnp.repeat(cond[:, -1:], truth.shape[1], 1), truth), 2),
-          "mean_frame_psnr": round(_psnr(jnp.broadcast_to(truth.mean(0, keepdims=True),
-                                                          truth.shape), truth), 2),
-          "seconds": round(time.time() - t0, 1)}
+  res = _fit_and_score(predict, params, tx, train, test, fc, steps=steps,
+                       batch_size=batch_size, seed=seed, log_every=log_every)
+  return dict({"config": config_path, "model_overrides": model_overrides or {},
+               "steps": steps, "optimizer": optimizer, "learning_rate": learning_rate,
+               "speed": speed, "noisy_input": noisy_input}, **res)
 
 
 def conv_control(config_path: str = DEFAULT_CONFIG, *, steps: int = 1500,
@@ -174,18 +194,13 @@ def conv_control(config_path: str = DEFAULT_CONFIG, *, steps: int = 1500,
   import jax.numpy as jnp
   import flax.linen as nn
   import optax
-  from rin import video_data
 
   cfg = load_config(config_path)
   m = cfg.model
   size, frames, fc = m.image_size, m.num_frames, m.cond_frames
   if m.channels != 1:
     raise ValueError(f"conv control: moving digits are grey, config.model.channels={m.channels}")
-  kw = dict(num_frames=frames, image_size=size, digit_size=cfg.data.digit_size,
-            num_digits=cfg.data.num_digits, speed=(min(0.5, speed), speed))
-  train = video_data.make_moving_digits("train", num_videos=4096, **kw)
-  test = video_data.make_moving_digits("test", num_videos=128, **kw)
-  as_float = lambda u8: jnp.asarray(u8, jnp.float32) * (2 / 255) - 1
+  train, test = _moving_digits(cfg, size, frames, speed)
 
   class Net(nn.Module):
     @nn.compact
@@ -197,35 +212,11 @@ def conv_control(config_path: str = DEFAULT_CONFIG, *, steps: int = 1500,
 
   net = Net()
   params = net.init(jax.random.PRNGKey(seed), jnp.zeros((1, fc, size, size, 1)))
-  tx = optax.adam(learning_rate)
-  opt_state = tx.init(params)
-
-  @jax.jit
-  def step_fn(p, s, clip):
-    loss, grads = jax.value_and_grad(
-        lambda p: jnp.mean((net.apply(p, clip[:, :fc]) - clip[:, fc:]) ** 2))(p)
-    updates, s = tx.update(grads, s, p)
-    return optax.apply_updates(p, updates), s, loss
-
-  order = np.random.default_rng(seed)
-  losses, curve, t0 = [], [], time.time()
-  for i in range(steps):
-    idx = order.integers(0, len(train.images), batch_size)
-    params, opt_state, loss = step_fn(params, opt_state, as_float(train.images[idx]))
-    losses.append(float(loss))
-    if (i + 1) % log_every == 0 or i + 1 == steps:
-      curve.append((i + 1, round(float(np.mean(losses[-log_every:])), 4)))
-      print(f"step {i + 1}: loss {curve[-1][1]} ({time.time() - t0:.0f} s)", flush=True)
-  clip = as_float(test.images)
-  cond, truth = clip[:, :fc], clip[:, fc:]
-  out = jnp.clip(net.apply(params, cond), -1, 1)
-  return {"config": config_path, "model": f"conv 4x5x5x{width}", "steps": steps,
-          "learning_rate": learning_rate, "speed": speed, "loss_curve": curve,
-          "test_psnr": round(_psnr(out, truth), 2),
-          "copy_last_psnr": round(_psnr(jnp.repeat(cond[:, -1:], truth.shape[1], 1), truth), 2),
-          "mean_frame_psnr": round(_psnr(jnp.broadcast_to(truth.mean(0, keepdims=True),
-                                                          truth.shape), truth), 2),
-          "seconds": round(time.time() - t0, 1)}
+  res = _fit_and_score(lambda p, cond, key: net.apply(p, cond), params,
+                       optax.adam(learning_rate), train, test, fc, steps=steps,
+                       batch_size=batch_size, seed=seed, log_every=log_every)
+  return dict({"config": config_path, "model": f"conv 4x5x5x{width}", "steps": steps,
+               "learning_rate": learning_rate, "speed": speed}, **res)
 
 
 def main(argv=None) -> int:
