@@ -237,15 +237,18 @@ def op_group(op_name: str):
   return "other", direction
 
 
+# Top-level parameters of the stem, latent init and readout (the "io" group).
+_IO_PARAMS = ("stem", "stem_ln", "readout", "readout_ln", "pos_interface", "pos_latents",
+              "class_dense", "time_dense_0", "time_dense_1")
+
+
 def _param_group(param_name: str):
   """Group of an entry parameter from its flattened path ('p__block_0____read____wq__.0')."""
   segs = [s for s in re.split(r"_{4}|^p__|__(?:\.\d+)?$", param_name) if s]
   path = "/".join(segs)
   g, _ = op_group(path)
-  if g == "other" and segs and segs[0] in ("stem", "stem_ln", "readout", "readout_ln",
-                                         "pos_interface", "pos_latents", "class_dense",
-                                         "time_dense_0", "time_dense_1") or (
-      segs and segs[0].startswith("self_cond")):
+  # op_group names no group for self_cond* paths: they are "other" there, so io here.
+  if g == "other" and segs and (segs[0] in _IO_PARAMS or segs[0].startswith("self_cond")):
     g = "io"
   return g
 
@@ -862,7 +865,6 @@ def worker_profile(gen, exports, start, results_path):
     with open(results_path, "a") as f:
       f.write(json.dumps(kw) + "\n")
 
-  read_cycles = lambda name: read_profile_cycles(prof_dir)
   # The previous worker may have aborted right after the profiler wrote the previous
   # kernel's profile, before it was read: it is still in prof_dir (cleared per kernel).
   if start > 0:
@@ -886,9 +888,9 @@ def worker_profile(gen, exports, start, results_path):
     cycles = None
     while cycles is None and not done.is_set():
       time.sleep(0.2)
-      cycles = read_cycles(x["name"])
+      cycles = read_profile_cycles(prof_dir)
     if cycles is None:
-      cycles = read_cycles(x["name"])
+      cycles = read_profile_cycles(prof_dir)
     record(index=i, cycles=cycles)
     print(f"[{gen}] profile {x['key'][:100]}: {cycles} cycles", file=sys.stderr, flush=True)
     th.join()
