@@ -4,14 +4,15 @@
     o = kernels.cross_attention(q, k, v, implementation="xla")
     z = kernels.read_block(z, x, kernels.ReadBlockParams(...), num_heads=8)
     x = kernels.write_block(x, z, kernels.WriteBlockParams(...), num_heads=8)
+    y = kernels.latent_attention_block(z, kernels.LatentAttentionParams(...), num_heads=16)
 """
 from kernels.api import (IMPLEMENTATIONS, available_implementations, cross_attention,
-                         default_implementation, read_block, resolve_implementation,
-                         write_block)
-from kernels.params import ReadBlockParams, WriteBlockParams
+                         default_implementation, latent_attention_block, read_block,
+                         resolve_implementation, write_block)
+from kernels.params import LatentAttentionParams, ReadBlockParams, WriteBlockParams
 
 __all__ = [
     "IMPLEMENTATIONS", "available_implementations", "cross_attention",
-    "default_implementation", "read_block", "resolve_implementation", "write_block",
-    "ReadBlockParams", "WriteBlockParams",
+    "default_implementation", "latent_attention_block", "read_block", "resolve_implementation", "write_block",
+    "LatentAttentionParams", "ReadBlockParams", "WriteBlockParams",
 ]

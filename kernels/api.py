@@ -31,7 +31,7 @@ import jax.numpy as jnp
 
 from kernels import precision as _precision
 from kernels import reference
-from kernels.params import ReadBlockParams, WriteBlockParams
+from kernels.params import LatentAttentionParams, ReadBlockParams, WriteBlockParams
 
 # name -> module implementing cross_attention / read_block / write_block.
 _BACKEND_MODULES = {
@@ -308,3 +308,49 @@ def write_block(x, z, params: WriteBlockParams, *, num_heads: int,
   return _backend(name).write_block(x, z, params, num_heads=num_heads,
                                     interpret=interpret, block_sizes=block_sizes,
                                     **_prec_kw(name, precision))
+
+
+def _check_latent_args(z, p, num_heads: int) -> None:
+  if z.ndim != 3:
+    raise ValueError(f"latent_attention_block: z must have rank 3 [batch, latents, "
+                     f"features], got shape {z.shape}")
+  _check_float("z", z)
+  if z.shape[1] < 1:
+    raise ValueError(f"latent_attention_block: z must hold >= 1 latent, got shape {z.shape}")
+  if p.wq.ndim != 2:
+    raise ValueError(f"latent_attention_block: params.wq must be a matrix, got {p.wq.shape}")
+  d, width = z.shape[-1], p.wq.shape[1]
+  if num_heads < 1 or width % num_heads:
+    raise ValueError(f"latent_attention_block: num_heads={num_heads} must divide the "
+                     f"attention width {width}")
+  pre = "latent_attention_block: params"
+  for name, shape in (("ln_scale", (d,)), ("ln_bias", (d,)), ("wq", (d, width)),
+                      ("bq", (width,)), ("wk", (d, width)), ("bk", (width,)),
+                      ("wv", (d, width)), ("bv", (width,)), ("wo", (width, d)),
+                      ("bo", (d,))):
+    _expect_shape(f"{pre}.{name}", getattr(p, name), shape)
+
+
+def latent_attention_block(z, params: LatentAttentionParams, *, num_heads: int,
+                           residual: bool = False, implementation: str | None = None,
+                           interpret: bool = False, block_sizes: Any = None,
+                           precision: str | None = None):
+  """Fused latent self-attention: OutProj(MHA(QKVProj(LN(z)))) [+ z if residual].
+
+  z: latents [B, M, D] (the model's residual stream, heads split inside the op).
+  Returns [B, M, D] in z's dtype: the attention branch, or z plus it with `residual`.
+  """
+  if not isinstance(params, LatentAttentionParams):
+    raise TypeError("latent_attention_block: params must be LatentAttentionParams, got "
+                    f"{type(params).__name__}")
+  _check_latent_args(z, params, num_heads)
+  precision = _precision.check(precision)
+  name = resolve_implementation(implementation, shape_class(
+      "latent_attn", z, params.wq, heads=num_heads, dtype=z.dtype))
+  if name == "xla":
+    return reference.latent_attention_block(z, params, num_heads=num_heads,
+                                            residual=residual, precision=precision)
+  return _backend(name).latent_attention_block(z, params, num_heads=num_heads,
+                                               residual=residual, interpret=interpret,
+                                               block_sizes=block_sizes,
+                                               **_prec_kw(name, precision))

@@ -7,6 +7,9 @@ Shapes, with A the attention width (= heads * head_dim) and F the MLP width:
   WriteBlockParams  (queries: interface of width T, keys/values: latents of width D)
     ln_scale, ln_bias [T]; wq [T, A]; bq [A]; wk, wv [D, A]; bk, bv [A]; wo [A, T]; bo [T]
     mlp_ln_scale, mlp_ln_bias [T]; w1 [T, F]; b1 [F]; w2 [F, T]; b2 [T]   (all None: no MLP)
+  LatentAttentionParams   (latent self-attention: queries, keys and values all from LN(z))
+    ln_scale, ln_bias [D]; wq, wk, wv [D, A]; bq, bk, bv [A]; wo [A, D]; bo [D]
+    (rin.layers.LatentSelfAttention holds them as ln/{scale,bias}, q|k|v|out/{kernel,bias})
 """
 from __future__ import annotations
 
@@ -49,3 +52,16 @@ class WriteBlockParams(NamedTuple):
   @property
   def has_mlp(self) -> bool:
     return self.w1 is not None
+
+
+class LatentAttentionParams(NamedTuple):
+  ln_scale: jax.Array
+  ln_bias: jax.Array
+  wq: jax.Array
+  bq: jax.Array
+  wk: jax.Array
+  bk: jax.Array
+  wv: jax.Array
+  bv: jax.Array
+  wo: jax.Array
+  bo: jax.Array

@@ -12,13 +12,14 @@ the test oracle passes "highest".
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 
 from kernels import precision as _precision
-from kernels.params import ReadBlockParams, WriteBlockParams
+from kernels.params import LatentAttentionParams, ReadBlockParams, WriteBlockParams
 
 LN_EPS = 1e-6
 SQRT_HALF = 0.7071067811865476               # 1 / sqrt(2), in the erf GELU
@@ -171,3 +172,25 @@ def write_block(x, z, p: WriteBlockParams, *, num_heads: int, precision=None):
   if p.w1 is not None:
     y = interface_mlp(y, p, x.dtype, precision)
   return y.astype(x.dtype)
+
+
+def latent_attention_block(z, p: LatentAttentionParams, *, num_heads: int,
+                           residual: bool = False, precision=None, attention=None):
+  """Latent self-attention: OutProj(MHA(q, k, v = QKVProj(LN(z)))) [+ z when residual].
+
+  Unlike the read/write blocks, keys and values come from the normalised latents (one LN
+  feeds all three projections), as the authors' transformer encoder layer. Without
+  `residual` it returns the branch alone (the model adds it through drop-path).
+  `attention(q, k, v)`: the attention core ([B, M, H, hd] each; default this module's
+  cross_attention), so a backend without a fused block composes it over its own core.
+  """
+  attention = attention or functools.partial(cross_attention, precision=precision)
+  cdt, op = compute_dtype(z.dtype), z.dtype
+  h = layer_norm(z, p.ln_scale, p.ln_bias)
+  pr = dict(precision=precision)
+  q, k, v = (_split_heads(dense(h, w, b, op, **pr), num_heads).astype(op)
+             for w, b in ((p.wq, p.bq), (p.wk, p.bk), (p.wv, p.bv)))
+  y = dense(_merge_heads(attention(q, k, v)), p.wo, p.bo, op, **pr)
+  if residual:
+    y = y + z.astype(cdt)
+  return y.astype(z.dtype)

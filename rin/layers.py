@@ -157,26 +157,54 @@ class _KernelBacked(nn.Module):
   attention_init: str = "keras_mha"    # see attention_kernel_init
 
 
+class _DenseParams(nn.Module):
+  """A Dense layer's {kernel, bias} (nn.Dense's names and init), returned, not applied:
+  the fused op consumes the weights, and the tree stays the one nn.Dense made."""
+  in_features: int
+  features: int
+  kernel_init: Any = dense_init
+
+  @nn.compact
+  def __call__(self):
+    return (self.param("kernel", self.kernel_init, (self.in_features, self.features)),
+            self.param("bias", zeros, (self.features,)))
+
+
+class _LayerNormParams(nn.Module):
+  """nn.LayerNorm's {scale, bias}, returned, not applied (see _DenseParams)."""
+  features: int
+
+  @nn.compact
+  def __call__(self):
+    return (self.param("scale", ones, (self.features,)),
+            self.param("bias", zeros, (self.features,)))
+
+
 class LatentSelfAttention(_KernelBacked):
-  """Z + MHA(LN(Z)) over the latents (the residual is added by the caller)."""
+  """MHA(LN(Z)) over the latents through kernels.latent_attention_block (the residual is
+  added by the caller, through drop-path). Parameters: ln/{scale,bias},
+  q|k|v|out/{kernel,bias}, as nn.LayerNorm + nn.Dense made them."""
   num_heads: int = 16
   dtype: Any = None
 
   @nn.compact
   def __call__(self, z):
-    b, m, d = z.shape
+    d = z.shape[-1]
     if d % self.num_heads:
       raise ValueError(f"latent width {d} is not divisible by latent_heads={self.num_heads}")
-    h = LayerNorm(name="ln", dtype=self.dtype)(z)
-    split = lambda y: y.reshape(b, m, self.num_heads, d // self.num_heads)
     qkv_init = attention_kernel_init(self.attention_init, self.num_heads, "qkv")
-    q = split(Dense(d, "q", self.dtype, qkv_init)(h))
-    k = split(Dense(d, "k", self.dtype, qkv_init)(h))
-    v = split(Dense(d, "v", self.dtype, qkv_init)(h))
-    o = kernels.cross_attention(q, k, v, implementation=self.implementation,
-                                interpret=self.interpret, block_sizes=self.block_sizes)
     out_init = attention_kernel_init(self.attention_init, self.num_heads, "out")
-    return Dense(d, "out", self.dtype, out_init)(o.reshape(b, m, d))
+    ln_scale, ln_bias = _LayerNormParams(d, name="ln")()
+    (wq, bq), (wk, bk), (wv, bv) = (_DenseParams(d, d, qkv_init, name=n)()
+                                    for n in ("q", "k", "v"))
+    wo, bo = _DenseParams(d, d, out_init, name="out")()
+    params = kernels.LatentAttentionParams(ln_scale, ln_bias, wq, bq, wk, bk, wv, bv, wo, bo)
+    if self.dtype is not None:
+      z = z.astype(self.dtype)
+    return kernels.latent_attention_block(z, params, num_heads=self.num_heads,
+                                          implementation=self.implementation,
+                                          interpret=self.interpret,
+                                          block_sizes=self.block_sizes)
 
 
 def _attention_params(module: nn.Module, q_dim: int, kv_dim: int, width: int):

@@ -136,13 +136,15 @@ class LatentSelfAttention(nnx.Module):
 
   def __call__(self, z):
     c = self.config
-    b, m, d = z.shape
-    h = self.ln(z)
-    split = lambda y: y.reshape(b, m, c.num_heads, d // c.num_heads)
-    o = kernels.cross_attention(split(self.q(h)), split(self.k(h)), split(self.v(h)),
-                                implementation=c.implementation, interpret=c.interpret,
-                                block_sizes=c.block_sizes)
-    return self.out(o.reshape(b, m, d))
+    params = kernels.LatentAttentionParams(
+        self.ln.scale.value, self.ln.bias.value, self.q.kernel.value, self.q.bias.value,
+        self.k.kernel.value, self.k.bias.value, self.v.kernel.value, self.v.bias.value,
+        self.out.kernel.value, self.out.bias.value)
+    if c.dtype is not None:
+      z = z.astype(c.dtype)
+    return kernels.latent_attention_block(z, params, num_heads=c.num_heads,
+                                          implementation=c.implementation,
+                                          interpret=c.interpret, block_sizes=c.block_sizes)
 
   @staticmethod
   def _dims(params):

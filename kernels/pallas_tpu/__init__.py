@@ -14,5 +14,16 @@ from kernels.pallas_tpu.common import VMEM_LIMIT_BYTES, BlockSizes
 from kernels.pallas_tpu.read import ReadBlockSizes, read_block
 from kernels.pallas_tpu.write import WriteBlockSizes, write_block
 
+
+
+def latent_attention_block(z, p, *, num_heads, residual=False, interpret=False,
+                           block_sizes=None):
+  """Composed for now: LN and the q/k/v/out projections in XLA around the Pallas attention."""
+  from kernels import reference
+  attn = lambda q, k, v: cross_attention(q, k, v, interpret=interpret, block_sizes=block_sizes)
+  return reference.latent_attention_block(z, p, num_heads=num_heads, residual=residual,
+                                          attention=attn)
+
+
 __all__ = ["AttentionBlockSizes", "BlockSizes", "ReadBlockSizes", "WriteBlockSizes", "VMEM_LIMIT_BYTES",
-           "cross_attention", "read_block", "write_block"]
+           "cross_attention", "latent_attention_block", "read_block", "write_block"]

@@ -65,4 +65,17 @@ def write_block(x, z, p, *, num_heads, interpret=False, block_sizes=None, precis
                              block_sizes=block_sizes, precision=precision)
 
 
-__all__ = ["BlockSizes", "cross_attention", "read_block", "write_block"]
+def latent_attention_block(z, p, *, num_heads, residual=False, interpret=False,
+                           block_sizes=None, precision=None):
+  """Composed for now: LN and the q/k/v/out GEMMs in XLA around the Triton attention."""
+  from kernels import reference
+  _check_dtype("z", z.dtype)
+  _check_head_dim("latent_attention_block", p.wq.shape[1] // num_heads)
+  attn = lambda q, k, v: cross_attention(q, k, v, interpret=interpret,
+                                         block_sizes=block_sizes, precision=precision)
+  return reference.latent_attention_block(z, p, num_heads=num_heads, residual=residual,
+                                          precision=precision, attention=attn)
+
+
+__all__ = ["BlockSizes", "cross_attention", "latent_attention_block", "read_block",
+           "write_block"]

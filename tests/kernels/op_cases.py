@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels import reference, shapes
-from kernels.params import ReadBlockParams, WriteBlockParams
+from kernels.params import LatentAttentionParams, ReadBlockParams, WriteBlockParams
 
 # The comparison rule (assert_close): per value, |got - want| <= tol * (|want| + rms of
 # that leaf), and per leaf rms(got - want) <= tol * rms(want): a leaf off by tol or more
@@ -116,6 +116,24 @@ def write_params(key, t, d, width, hidden, dtype) -> WriteBlockParams:
       wo=n((width, t), width ** -0.5), bo=n((t,), 0.1), **mlp)
 
 
+def latent_params(key, d, width, dtype) -> LatentAttentionParams:
+  ks = iter(jax.random.split(key, 12))
+  n = lambda s, sc: _normal(next(ks), s, sc, dtype)
+  return LatentAttentionParams(
+      ln_scale=1 + n((d,), 0.1), ln_bias=n((d,), 0.1),
+      wq=n((d, width), d ** -0.5), bq=n((width,), 0.1),
+      wk=n((d, width), d ** -0.5), bk=n((width,), 0.1),
+      wv=n((d, width), d ** -0.5), bv=n((width,), 0.1),
+      wo=n((width, d), width ** -0.5), bo=n((d,), 0.1))
+
+
+def latent_inputs(seed, batch, m, d, width, dtype):
+  """(z, params), cotangent for the output of a latent self-attention block."""
+  ks = jax.random.split(jax.random.PRNGKey(seed), 3)
+  z = _normal(ks[0], (batch, m, d), 1.0, dtype)
+  return (z, latent_params(ks[1], d, width, dtype)), _normal(ks[2], z.shape, 1.0, jnp.float32)
+
+
 def block_inputs(seed, direction, batch, m, d, n, t, width, hidden, dtype):
   """(queries' source, kv source, params), cotangent for the output (hidden: the write
   block's MLP width, 0: none)."""
@@ -150,7 +168,8 @@ def oracle(op, args, ct, **kw):
   kw = dict(kw, precision="highest")
   fn = {"attention": lambda q, k, v: reference.cross_attention(q, k, v, precision="highest"),
         "read": lambda z, x, p: reference.read_block(z, x, p, **kw),
-        "write": lambda x, z, p: reference.write_block(x, z, p, **kw)}[op]
+        "write": lambda x, z, p: reference.write_block(x, z, p, **kw),
+        "latent": lambda z, p: reference.latent_attention_block(z, p, **kw)}[op]
   return value_and_grads(fn, to64(args), to64(ct))
 
 
@@ -170,7 +189,8 @@ def xla_bf16(op, args, ct, dtype, **kw):
     return None, None
   fn = {"attention": reference.cross_attention,
         "read": lambda z, x, p: reference.read_block(z, x, p, **kw),
-        "write": lambda x, z, p: reference.write_block(x, z, p, **kw)}[op]
+        "write": lambda x, z, p: reference.write_block(x, z, p, **kw),
+        "latent": lambda z, p: reference.latent_attention_block(z, p, **kw)}[op]
   return value_and_grads(fn, args, ct)
 
 
@@ -262,6 +282,22 @@ def check_block(fn, direction, shape, dtype, *, backend, seed=0, what=""):
   xo, xg = xla_bf16(direction, args, ct, dtype, num_heads=heads)
   assert out.dtype == jnp.dtype(dtype) and out.shape == args[0].shape, (out.dtype, out.shape)
   what = f"{what}{direction}_block{tuple(shape)} {jnp.dtype(dtype).name}: "
+  assert_close(out, want_out, tol=tolerance(backend, dtype), what=what + "forward", xla=xo)
+  assert_close(grads, want_grads, tol=tolerance(backend, dtype, grad=True),
+               what=what + "grad", zero_scaled_by={".bk": ".wk"}, xla=xg)
+
+
+def check_latent(fn, shape, dtype, *, backend, seed=0, residual=False, what=""):
+  """fn(z, params) of a latent self-attention block at shape (batch, m, d, heads, width)
+  against the oracle (fn closes over num_heads and residual)."""
+  batch, m, d, heads, width = shape
+  args, ct = latent_inputs(seed, batch, m, d, width, dtype)
+  out, grads = value_and_grads(fn, args, ct)
+  kw = dict(num_heads=heads, residual=residual)
+  want_out, want_grads = oracle("latent", args, ct, **kw)
+  xo, xg = xla_bf16("latent", args, ct, dtype, **kw)
+  assert out.dtype == jnp.dtype(dtype) and out.shape == args[0].shape, (out.dtype, out.shape)
+  what = f"{what}latent_attention_block{tuple(shape)} {jnp.dtype(dtype).name}: "
   assert_close(out, want_out, tol=tolerance(backend, dtype), what=what + "forward", xla=xo)
   assert_close(grads, want_grads, tol=tolerance(backend, dtype, grad=True),
                what=what + "grad", zero_scaled_by={".bk": ".wk"}, xla=xg)

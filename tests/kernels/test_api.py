@@ -65,6 +65,50 @@ def test_reference_blocks_match_numpy_float64(mlp):
   op_cases.assert_close(out, _np_block(x, z, wp, 4, bool(mlp)), tol=tol, what="write")
 
 
+def _np_latent(z, p, heads, residual):
+  p = {k: np.asarray(v, np.float64) for k, v in p._asdict().items()}
+  z = np.asarray(z, np.float64)
+  split = lambda y: y.reshape(*y.shape[:-1], heads, -1)
+  h = _np_ln(z, p["ln_scale"], p["ln_bias"])
+  o = _np_attention(split(h @ p["wq"] + p["bq"]), split(h @ p["wk"] + p["bk"]),
+                    split(h @ p["wv"] + p["bv"]))
+  return (z if residual else 0.0) + o.reshape(*o.shape[:-2], -1) @ p["wo"] + p["bo"]
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_reference_latent_attention_block_matches_numpy_float64(residual):
+  # Keys and values come from LN(z), unlike the read/write blocks' raw kv source.
+  (z, p), _ = op_cases.latent_inputs(4, 2, 9, 48, 32, jnp.float32)
+  out = kernels.latent_attention_block(z, p, num_heads=4, residual=residual,
+                                       implementation="xla")
+  op_cases.assert_close(out, _np_latent(z, p, 4, residual),
+                        tol=20 * op_cases.tolerance("xla", jnp.float32), what="latent")
+
+
+def test_latent_attention_block_xla_against_the_float64_oracle(float64_oracle):
+  for residual in (False, True):
+    op_cases.check_latent(
+        lambda z, p: kernels.latent_attention_block(z, p, num_heads=4, residual=residual,
+                                                    implementation="xla"),
+        (2, 7, 24, 4, 24), jnp.float32, backend="xla", residual=residual)
+
+
+def test_latent_attention_block_param_errors():
+  key = jax.random.PRNGKey(0)
+  z = jnp.zeros((1, 4, 16))
+  lp = op_cases.latent_params(key, 16, 8, jnp.float32)
+  with pytest.raises(ValueError, match="num_heads=3 must divide the attention width 8"):
+    kernels.latent_attention_block(z, lp, num_heads=3)
+  with pytest.raises(ValueError, match=r"params.wo must have shape \(8, 16\)"):
+    kernels.latent_attention_block(z, lp._replace(wo=jnp.zeros((8, 15))), num_heads=2)
+  with pytest.raises(ValueError, match="z must have rank 3"):
+    kernels.latent_attention_block(z[0], lp, num_heads=2)
+  with pytest.raises(TypeError, match="LatentAttentionParams"):
+    kernels.latent_attention_block(z, dict(lp._asdict()), num_heads=2)
+  with pytest.raises(TypeError, match="z must be a floating-point array"):
+    kernels.latent_attention_block(z.astype(jnp.int32), lp, num_heads=2)
+
+
 def test_reference_is_float64_exact_under_x64():
   with jax.enable_x64(True):
     (q, k, v), _ = op_cases.attention_inputs(3, 1, 5, 11, 2, 16, jnp.float64)
