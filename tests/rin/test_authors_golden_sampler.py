@@ -2,10 +2,11 @@
 (google-research/pix2seq @ eabd4e9: image_diffusion_model.Model.sample ->
 diffusion_utils.Scheduler.generate / transition_step / get_x0_eps; how: tests/data/README.md).
 
-Six cases of five steps each: DDPM ("large" variance) and DDIM, the authors' `td` (1 and 0.5
-steps), eps / x / v predictions, schedules cosine, cosine@0.2,1,1 and sigmoid@-3,3,0.9. The
-denoiser is a tiny deterministic function of (x_t, gamma, carried latents) whose weights are
-stored with the numbers, so the loop carries real latents from step to step.
+Eight cases of five steps each: DDPM ("large" variance) and DDIM, the authors' `td` (1 and
+0.5 steps), eps / x / v predictions, schedules cosine, cosine@0.2,1,1 and sigmoid@-3,3,0.9,
+and two class-conditional cases with classifier-free guidance (1.5 and 3). The denoiser is a
+tiny deterministic function of (x_t, gamma, carried latents, class) whose weights are stored
+with the numbers, so the loop carries real latents from step to step.
 
 Tolerances: |ours - theirs| <= 2e-5 * max(1, max|theirs|) per tensor, plus, for DDPM, the
 rounding its ill-conditioned first step may leave (_ddpm_rounding). The two sides evaluate
@@ -35,7 +36,7 @@ def golden():
 
 
 def _cases(golden):
-  return {str(name): dict(zip(("sampler", "schedule", "td", "pred_type"), spec))
+  return {str(name): dict(zip(("sampler", "schedule", "td", "pred_type", "guidance"), spec))
           for name, spec in zip(golden["sampler/cases"], golden["sampler/case_specs"])}
 
 
@@ -45,7 +46,9 @@ def _case(golden, name):
 
 
 CASES = ["ddpm_cosine_td0_eps", "ddpm_cosine_td1_eps", "ddpm_cosinetau_td0_v",
-         "ddim_cosine_td0_eps", "ddim_sigmoid_td0.5_eps", "ddim_cosine_td0_x"]
+         "ddim_cosine_td0_eps", "ddim_sigmoid_td0.5_eps", "ddim_cosine_td0_x",
+         "ddpm_cosine_td0_eps_cfg1.5", "ddim_cosine_td1_v_cfg3"]
+GUIDED = [c for c in CASES if "cfg" in c]
 
 
 def _close(ours, theirs, what, allowance=0.0):
@@ -74,20 +77,29 @@ def _ddpm_rounding(sampler, x_t, gamma_now, gamma_next):
 
 
 def _denoiser(golden, pred_type):
-  """The recording's tiny denoiser (weights from the file), in JAX: (x, gamma [B], z) ->
-  (pred, z'). z' = tanh(z A + mean_hw(x) P + g c + b); h = tanh(mean_m(z') O + x U + g u);
-  pred = the exact prediction for Gaussian data N(0, S2) of x, + 0.2 h."""
+  """The recording's tiny denoiser (weights from the file), in JAX: (x, gamma [B], z[,
+  labels]) -> (pred, z'). z' = tanh(z A + mean_hw(x) P + g c + b [+ onehot K]);
+  h = tanh(mean_m(z') O + x U + g u [+ onehot L]); pred = the exact prediction for
+  Gaussian data N(0, S2) of x, + 0.2 h."""
   w = {k.split("/")[-1]: jnp.asarray(v) for k, v in golden.items()
        if k.startswith("sampler/weights/")}
-  s2 = float(golden["sampler/hparams"][6])
+  s2, num_classes = float(golden["sampler/hparams"][6]), int(golden["sampler/hparams"][7])
 
-  def f(x, g, z):
+  def f(x, g, z, labels=None):
     g3, g4 = g[:, None, None], g[:, None, None, None]
     pooled = jnp.mean(x, axis=(1, 2))
-    z_new = jnp.tanh(jnp.einsum("bmd,de->bme", z, w["A"]) + (pooled @ w["P"])[:, None, :]
-                     + g3 * w["c"] + w["b"])
-    h = jnp.tanh((jnp.mean(z_new, axis=1) @ w["O"])[:, None, None, :]
-                 + jnp.einsum("bhwc,ce->bhwe", x, w["U"]) + g4 * w["u"])
+    pre_z = (jnp.einsum("bmd,de->bme", z, w["A"]) + (pooled @ w["P"])[:, None, :]
+             + g3 * w["c"] + w["b"])
+    # their class input: one-hot labels, all zeros for the dropped label (ours NULL_LABEL)
+    cond = None if labels is None else jax.nn.one_hot(labels, num_classes)
+    if cond is not None:
+      pre_z = pre_z + (cond @ w["K"])[:, None, :]
+    z_new = jnp.tanh(pre_z)
+    pre_h = ((jnp.mean(z_new, axis=1) @ w["O"])[:, None, None, :]
+             + jnp.einsum("bhwc,ce->bhwe", x, w["U"]) + g4 * w["u"])
+    if cond is not None:
+      pre_h = pre_h + (cond @ w["L"])[:, None, None, :]
+    h = jnp.tanh(pre_h)
     v = g4 * s2 + (1.0 - g4)
     eps_lin = jnp.sqrt(1.0 - g4) / v * x
     x0_lin = jnp.sqrt(g4) * s2 / v * x
@@ -110,22 +122,28 @@ def test_the_denoiser_reimplementation_is_theirs(golden, name):
   predictions and latents from their inputs, or the sampler tests below compare nothing."""
   c, spec = _case(golden, name), _cases(golden)[name]
   f = jax.jit(_denoiser(golden, spec["pred_type"]))
+  labels = c.get("labels")
   for i in range(c["x_in"].shape[0]):
-    pred, z = f(c["x_in"][i], c["gamma"][i], c["z_in"][i])
+    pred, z = f(c["x_in"][i], c["gamma"][i], c["z_in"][i], labels)
     _close(pred, c["pred"][i], f"{name} step {i} pred")
     _close(z, c["z_out"][i], f"{name} step {i} latents")
+    if labels is not None:
+      pred, _ = f(c["x_in"][i], c["gamma"][i], c["z_in"][i],
+                  np.full_like(labels, diffusion.NULL_LABEL))
+      _close(pred, c["pred_uncond"][i], f"{name} step {i} unconditional pred")
 
 
 @pytest.mark.parametrize("name", CASES)
 def test_each_step_matches_the_authors_transition(golden, name):
-  """From their x_t, prediction and (gamma_now, gamma_next) at every step: our x0/eps
-  (clipped, eps made consistent) and our ddpm_step / ddim_step give their x0, eps and x_{t-1}
-  (DDPM with the step's recorded noise)."""
+  """From their x_t, the (guided) prediction their step used and (gamma_now, gamma_next) at
+  every step: our x0/eps (clipped, eps made consistent) and our ddpm_step / ddim_step give
+  their x0, eps and x_{t-1} (DDPM with the step's recorded noise)."""
   c, spec = _case(golden, name), _cases(golden)[name]
   for i in range(c["x_t"].shape[0]):
     g, gn = jnp.asarray(c["gamma_now"][i]), jnp.asarray(c["gamma_next"][i])
     x_t = jnp.asarray(c["x_t"][i])
-    x0, eps = diffusion.prediction_to_x0_eps(TARGET[spec["pred_type"]], c["pred"][i], x_t, g)
+    x0, eps = diffusion.prediction_to_x0_eps(TARGET[spec["pred_type"]], c["pred_guided"][i],
+                                             x_t, g)
     _close(x0, c["x0"][i], f"{name} step {i} x0")
     _close(eps, c["eps"][i], f"{name} step {i} eps")
     if spec["sampler"] == "ddpm":
@@ -162,22 +180,33 @@ def _recorded_normal(rng, noise, num_steps):
 def test_sample_reproduces_the_authors_loop(golden, name, monkeypatch):
   """diffusion.sample, fed their x_T and DDPM noises, walks their trajectory: at every step
   the network sees their x_t, gamma and carried latents (zeros at the first), and the
-  returned x0 is theirs."""
+  returned x0 is theirs. Guided cases: their labels and guidance weight; both halves of our
+  one batched call read the conditional branch's carried latents (guidance_latents
+  "shared", as their loop)."""
   c, spec = _case(golden, name), _cases(golden)[name]
   n = c["x_in"].shape[0]
   rng = jax.random.PRNGKey(11)
   monkeypatch.setattr(jax.random, "normal", _recorded_normal(rng, c["noise"], n))
   f, seen = _denoiser(golden, spec["pred_type"]), []
+  labels, w = c.get("labels"), float(spec["guidance"])
+  b = c["x_in"].shape[1]
 
-  def denoise(x, g, z):
-    jax.debug.callback(lambda *a: seen.append([np.asarray(v) for v in a]), x, g, z,
-                       ordered=True)
-    return f(x, g, z)
+  def denoise(x, g, z, *lab):
+    def record(*a):
+      a = [np.asarray(v) for v in a]
+      if labels is not None:     # [conditional half; unconditional half]
+        np.testing.assert_array_equal(a[3], np.concatenate(
+            [labels, np.full_like(labels, diffusion.NULL_LABEL)]))
+        for v in a[:3]:
+          np.testing.assert_array_equal(v[:b], v[b:])
+      seen.append([v[:b] for v in a[:3]])
+    jax.debug.callback(record, x, g, z, *lab, ordered=True)
+    return f(x, g, z, *lab)
 
   x0 = diffusion.sample(denoise, rng, c["x_in"].shape[1:], num_steps=n,
                         schedule=spec["schedule"], sampler=spec["sampler"],
                         target=TARGET[spec["pred_type"]], latent_shape=c["z_in"].shape[1:],
-                        time_delay=float(spec["td"]))
+                        time_delay=float(spec["td"]), labels=labels, guidance=w)
   jax.effects_barrier()
   assert len(seen) == n
   _close(seen[0][0], c["noise"][0], f"{name} x_T")
