@@ -45,8 +45,11 @@ def step_fn(config_name: str, impl: str, mode: str, batch: int, sds):
   cfg = make_config(config_name)
   model = train_state.create_model(cfg, implementation=impl)
   m = cfg.model
+  # Parameter shapes from the "xla" model: every implementation has the same parameter
+  # tree, and the "xla" one traces anywhere (a GPU-only implementation refuses a CPU trace).
   shapes = jax.eval_shape(
-      lambda r: model.init(r, *train_state.dummy_inputs(cfg))["params"], jax.random.PRNGKey(0))
+      lambda r: train_state.create_model(cfg, implementation="xla").init(
+          r, *train_state.dummy_inputs(cfg))["params"], jax.random.PRNGKey(0))
   params = jax.tree.map(lambda a: sds(a.shape, a.dtype), shapes)
   img = sds((batch, m.image_size, m.image_size, m.channels), jnp.float32)
   labels = sds((batch,), jnp.int32)
