@@ -298,13 +298,15 @@ def summarise(kernels, top=8):
   groups = {g: empty() for g in OP_GROUPS}
   total = empty()
   for k in kernels:
-    for agg in (groups[k["group"]], total):
+    # Per group the kinds are split by direction and name the jax-triton kernel.
+    what = k["kind"] + (f":{k['kernel']}" if k["kind"] == "jax_triton" else "")
+    for agg, kind in ((groups[k["group"]], f"{k['direction']} {what}"), (total, k["kind"])):
       agg["kernels"] += 1
       agg["bytes"] += k["bytes"]
       agg["flops"] += k["flops"]
       agg["seconds"] += k["seconds"]
       agg[f"{k['direction']}_seconds"] += k["seconds"]
-      kd = agg["kinds"].setdefault(k["kind"], dict(kernels=0, seconds=0.0, bytes=0.0, flops=0.0))
+      kd = agg["kinds"].setdefault(kind, dict(kernels=0, seconds=0.0, bytes=0.0, flops=0.0))
       kd["kernels"] += 1
       kd["seconds"] += k["seconds"]
       kd["bytes"] += k["bytes"]
@@ -633,6 +635,17 @@ def markdown(result) -> str:
       if tiles:
         out.append(f"- {i}: XLA GEMM fusion default configs (tile warps stages: count, ms): "
                    + ", ".join(f"{k}: {c} {_ms(s)}" for k, (c, s) in tiles))
+    out += ["", "Where each kernel-backed group's time goes (ms, kernels, GB; kind = "
+            "fusion: XLA's native fusions (LN, bias, casts, transposes, reductions); "
+            "xla_triton_gemm: XLA's GEMM fusions; xla_triton_fusion: XLA's Triton "
+            "softmax/normalization fusions; cudnn; jax_triton:<kernel>):", "",
+            "| group | impl | by kind (dir kind: ms, kernels, GB) |", "|---|---|---|"]
+    for g in ("read", "write", "latent_attn", "latent_mlp"):
+      for i, r in rows:
+        kinds = sorted(r["groups"][g]["kinds"].items(), key=lambda kv: -kv[1]["seconds"])
+        out.append(f"| {g} | {i} | " + "; ".join(
+            f"{k}: {_ms(v['seconds'])}, {v['kernels']}, {v['bytes'] / 1e9:.1f}"
+            for k, v in kinds) + " |")
     out.append("")
     for g in ("read", "write", "latent_attn", "latent_mlp"):
       out += [f"Largest kernels of {g}:", "", "| impl | kernel | kind | dir | GFLOP | MB | us "
