@@ -465,8 +465,13 @@ def step_row(target, cfg, mode, impl, batch, kernels, mem, classes, times) -> di
 def plugin_available() -> bool:
   """Whether jax's CUDA plugin (XLA:GPU) is importable here (pip install -e .[test])."""
   import importlib.util
-  return any(importlib.util.find_spec(m) is not None for m in
-             ("jax_plugins.xla_cuda13", "jax_plugins.xla_cuda12"))
+  for m in ("jax_plugins.xla_cuda13", "jax_plugins.xla_cuda12"):
+    try:
+      if importlib.util.find_spec(m) is not None:
+        return True
+    except ImportError:        # no jax_plugins package at all
+      pass
+  return False
 
 
 def ops_check(target: str = "h100", impls=IMPLEMENTATIONS, b=2, m=16, n=64, d=64, t=32,
