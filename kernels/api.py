@@ -46,7 +46,9 @@ _BACKEND_MODULES = {
 }
 IMPLEMENTATIONS = tuple(_BACKEND_MODULES)
 # TPU: "xla", widened per op/shape class to "pallas_tpu" where cost_table.WINS (TPU cost
-# model) shows the kernels winning; GPU: "triton", narrowed per class by the measured WINS.
+# model) shows the kernels winning; GPU: per class the fastest of xla / cudnn / triton by
+# the measured WINS, else the gpu_cost_table estimate (_gpu_default); "triton" only for a
+# call without an op class.
 _PLATFORM_DEFAULT = {"tpu": "xla", "gpu": "triton", "cuda": "triton"}
 TPU_DEFAULT_REASON = ("per op class by kernels/pallas_tpu/cost_table.py WINS, the TPU "
                       "compiler's cost-model estimate; bench/results/tpu_static/scopes_v5e.md: "
