@@ -311,6 +311,13 @@ def summarise(kernels, top=8):
       kd["seconds"] += k["seconds"]
       kd["bytes"] += k["bytes"]
       kd["flops"] += k["flops"]
+    if k["kind"] in ("fusion", "xla_triton_fusion"):
+      # The glue: XLA's non-GEMM fusions by the jax op they carry (its name's last part).
+      leaf = f"{k['direction']} {k['op_name'].rsplit('/', 1)[-1] or '(unnamed)'}"
+      lf = groups[k["group"]].setdefault("glue", {}).setdefault(leaf, [0, 0.0, 0.0])
+      lf[0] += 1
+      lf[1] += k["seconds"]
+      lf[2] += k["bytes"]
   for g in groups:
     mine = sorted((k for k in kernels if k["group"] == g), key=lambda k: -k["seconds"])
     groups[g]["top"] = mine[:top]
@@ -651,6 +658,14 @@ def markdown(result) -> str:
         out.append(f"| {g} | {i} | " + "; ".join(
             f"{k}: {_ms(v['seconds'])}, {v['kernels']}, {v['bytes'] / 1e9:.1f}"
             for k, v in kinds) + " |")
+    out += ["", "The glue (XLA's non-GEMM fusions) of each group by the jax op a fusion carries "
+            "(dir op: ms, kernels, GB; the 6 largest):", "",
+            "| group | impl | glue ms | largest |", "|---|---|---:|---|"]
+    for g in ("read", "write", "latent_attn", "latent_mlp"):
+      for i, r in rows:
+        glue = sorted(r["groups"][g].get("glue", {}).items(), key=lambda kv: -kv[1][1])
+        out.append(f"| {g} | {i} | {_ms(sum(v[1] for _, v in glue))} | " + "; ".join(
+            f"{k}: {_ms(v[1])}, {v[0]}, {v[2] / 1e9:.1f}" for k, v in glue[:6]) + " |")
     out.append("")
     for g in ("read", "write", "latent_attn", "latent_mlp"):
       out += [f"Largest kernels of {g}:", "", "| impl | kernel | kind | dir | GFLOP | MB | us "
