@@ -289,7 +289,7 @@ def analyse(text: str, ceil: dict, triton_records=()):
   return out
 
 
-def summarise(kernels, top=8):
+def summarise(kernels, top=6):
   """Per op group and overall: kernel count, bytes, FLOPs, roofline seconds (fwd/bwd), per
   kind, and the largest kernels."""
   def empty():
