@@ -31,6 +31,10 @@ second pass; the self-conditioning pass is forward only), for
           the weight gradients get 16-32 CTAs), attention cores as now.
 The latent tower's GEMMs and MLPs, the stem and the readout are identical on all paths
 and left out, so the ratio is that of the kernel-backed work only.
+
+The xla column here is hand-modelled. bench.gpu_static replaces it: it reads the kernels
+XLA's GPU compiler really emits for the whole step (deviceless, H100/H200 targets; the
+cuDNN path beside them) and costs each one (bench/results/gpu_static/).
 """
 from __future__ import annotations
 
