@@ -80,6 +80,23 @@ def test_attention_explicit_block_sizes_and_splits():
   _check_attention(1, 40, 70, 2, 24, jnp.float32, block_sizes=bs)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16], ids=["fp32", "fp16"])
+def test_fused_backward_where_the_keys_are_one_tile(dtype):
+  # Keys that fit one tile (latent and write attention) take the one-pass backward (delta,
+  # dQ, dK, dV in one kernel); a longer key range, or fused_bwd=False, the three kernels.
+  from kernels.triton_gpu import config
+  name = jnp.dtype(dtype).name
+  assert config.attention_plan(2, 128, 128, 16, 32, "bfloat16").fused_bwd
+  assert config.attention_plan(2, 256, 128, 8, 32, "bfloat16").fused_bwd
+  assert not config.attention_plan(2, 128, 256, 8, 32, "bfloat16").fused_bwd   # read
+  assert not config.attention_plan(2, 128, 128, 8, 32, name, {"fused_bwd": False}).fused_bwd
+  # Both backward paths against the oracle, with the fused one's query split (2 splits:
+  # dK/dV partials summed) and the three-kernel path forced on the same shape.
+  assert config.attention_plan(1, 40, 24, 2, 32, name, {"q_splits_bwd": 2}).fused_bwd
+  _check_attention(1, 40, 24, 2, 32, dtype, block_sizes={"q_splits_bwd": 2, "block_q_bwd": 16})
+  _check_attention(1, 40, 24, 2, 32, dtype, block_sizes={"fused_bwd": False})
+
+
 def _check_block(direction, shape, dtype):
   """shape: (batch, m, d, n, t, heads, width, mlp_hidden)."""
   oc.check_block(_op(direction, shape[5]), direction, shape, dtype, backend="triton")
