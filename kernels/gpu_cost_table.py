@@ -13,14 +13,14 @@ WINS: dict[str, dict] = {
         'cudnn_us': 7556.8,
         'device': 'h100 (ESTIMATE: bench.gpu_static roofline over the deviceless XLA:GPU compile, cifar10 train, batch 256, op group latent_attn)',
         'source': 'bench/results/gpu_static/h100_h200.json',
-        'triton_us': 7937.3,
+        'triton_us': 7561.0,
         'xla_us': 12549.3,
     },
     'latent_attn:128x768x768:h16:bfloat16': {
         'cudnn_us': 18500.3,
         'device': 'h100 (ESTIMATE: bench.gpu_static roofline over the deviceless XLA:GPU compile, imagenet64_p4 train, batch 128, op group latent_attn)',
         'source': 'bench/results/gpu_static/h100_h200.json',
-        'triton_us': 19263.4,
+        'triton_us': 18505.9,
         'xla_us': 25916.5,
     },
     'read:128x512x256x256x256:h8:bfloat16': {
@@ -41,14 +41,14 @@ WINS: dict[str, dict] = {
         'cudnn_us': 6550.9,
         'device': 'h100 (ESTIMATE: bench.gpu_static roofline over the deviceless XLA:GPU compile, cifar10 train, batch 256, op group write)',
         'source': 'bench/results/gpu_static/h100_h200.json',
-        'triton_us': 5309.3,
+        'triton_us': 5154.7,
         'xla_us': 8796.8,
     },
     'write:256x512x128x768x512x2048:h16:bfloat16': {
         'cudnn_us': 11790.0,
         'device': 'h100 (ESTIMATE: bench.gpu_static roofline over the deviceless XLA:GPU compile, imagenet64_p4 train, batch 128, op group write)',
         'source': 'bench/results/gpu_static/h100_h200.json',
-        'triton_us': 10137.7,
+        'triton_us': 9931.5,
         'xla_us': 14845.1,
     },
 }
