@@ -481,13 +481,15 @@ def plugin_available() -> bool:
   return False
 
 
-def ops_check(target: str = "h100", impls=IMPLEMENTATIONS, b=2, m=16, n=64, d=64, t=32,
+def ops_check(target: str = "h100", impls=IMPLEMENTATIONS, b=2, m=16, n=256, d=64, t=32,
               heads=2) -> dict:
   """Tiny-shape deviceless compile of the kernel-backed ops (read, write with MLP, latent
   attention; forward + backward, bf16) per implementation: {impl: {"kinds": {kind: count},
   "targets": {custom-call target: count}, "triton_kernels": sorted names, "unmatched":
   jax-triton calls without a recorded launch, "wgmma": calls whose PTX has wgmma, "temp":
-  temp bytes}}. Call in a process with gpu_env() (CI: tests/bench/test_gpu_static.py)."""
+  temp bytes}}. n > 128 interface tokens: the read's backward takes the three-kernel path,
+  the write's and latent attention's (16 latent keys) the one-pass one. Call in a process
+  with gpu_env() (CI: tests/bench/test_gpu_static.py)."""
   import collections
   import jax
   import jax.numpy as jnp

@@ -130,9 +130,10 @@ def test_deviceless_gpu_compile_of_the_xla_cudnn_and_triton_paths():
   # cudnn: one fused call forward and one backward per attention (3 ops).
   assert cudnn["targets"]["__cudnn$fmhaSoftmax"] == 3
   assert cudnn["targets"]["__cudnn$fmhaSoftmaxBackward"] == 3
-  # triton: the attention kernels and the fused read, every call matched to its launch,
-  # the 64-row kernels on wgmma (sm_90a).
+  # triton: the attention kernels, the fused read and both backward paths (three kernels
+  # for the read's 256 keys, one pass for 16 latent keys), every call matched to its
+  # launch, the 64-row kernels on wgmma (sm_90a).
   assert {"_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel",
-          "_read_attn_kernel"} <= set(triton["triton_kernels"])
+          "_attn_bwd_fused_kernel", "_read_attn_kernel"} <= set(triton["triton_kernels"])
   assert triton["unmatched"] == 0 and triton["wgmma"] > 0
   assert min(xla["flops"], cudnn["flops"], triton["flops"]) > 0
