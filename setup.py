@@ -29,11 +29,17 @@ setup(
     ],
     extras_require={
         # torch only feeds Triton's CPU interpreter in the tests (jax-triton needs a GPU).
-        "test": ["pytest", "pytest-xdist", "hypothesis", "triton", "jax-triton", "torch", "pytorch-fid"],
+        # jax's CUDA plugin: XLA's GPU compiler for the deviceless GPU compile rung
+        # (tests/bench/test_gpu_static.py); its CUDA libraries (cuDNN, cuBLAS, nvJitLink...)
+        # are torch's nvidia-* wheels, so the plugin alone adds ~140 MB download, ~400 MB.
+        "test": ["pytest", "pytest-xdist", "hypothesis", "triton", "jax-triton", "torch",
+                 "pytorch-fid", "jax-cuda13-plugin", "jax-cuda13-pjrt"],
         "gpu": ["jax-triton", "triton"],
         "bench": ["rin-pytorch", "torchvision", "tokamax"],
         # The TPU compiler for deviceless compiles (bench.tpu_static, bench.tpu_aot_check); flatbuffers
         # serializes the kernels bench.tpu_static profiles one by one.
         "tpu-static": ["libtpu", "flatbuffers"],
+        # XLA's GPU compiler for deviceless compiles (bench.gpu_static), with its CUDA libraries.
+        "gpu-static": ["jax-cuda13-plugin[with-cuda]", "jax-cuda13-pjrt"],
     },
 )

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-shot GPU suite for a freshly lent H200 (or any CUDA GPU), within 8 minutes:
+# One-shot GPU suite for a freshly lent H200 (or any CUDA GPU), within 9 minutes:
 #   0. record the machine (nvidia-smi, versions)
 #   1. install the wheels carried in .whl/ (bench/fetch_wheels.sh) that the image lacks,
 #      offline: pip install --no-index --find-links .whl --no-deps
@@ -8,7 +8,11 @@
 #      written into kernels/triton_gpu/autotune_table.py WINS (--write-wins: what
 #      implementation=None then picks); the table is copied to the results folder
 #   3. python -m bench.kernels   (published shapes, every implementation, bf16)
-#   4. python -m bench.model     (CIFAR-10 B=256 bf16 train/sample steps: xla vs triton)
+#   4. python -m bench.model     (CIFAR-10 B=256 bf16 train/sample steps), one run per
+#      implementation (xla, cudnn, triton) side by side, each with XLA's autotune results
+#      dumped (--xla_gpu_dump_autotune_results_to=$RES/autotune_<impl>.textproto): a later
+#      deviceless `python -m bench.gpu_static --autotune-from <that file>` compiles with the
+#      GEMM configs this GPU chose instead of the defaults
 # Each stage has its own timeout; a stage that fails or times out does not stop the next.
 # Everything goes under $OUT when set, else bench/results/<device>-<date>/.
 #
@@ -27,11 +31,11 @@ else
   DEV=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr 'A-Z ' 'a-z-')
   RES="bench/results/${DEV:-gpu}-$(date -u +%Y%m%d)"
 fi
-# Stage timeouts (seconds); the sum stays under 8 minutes.
+# Stage timeouts (seconds); the sum stays under 9 minutes.
 T_INSTALL=${T_INSTALL:-45}
 T_NUMERICS=${T_NUMERICS:-100}
-T_KERNELS=${T_KERNELS:-170}
-T_MODEL=${T_MODEL:-140}
+T_KERNELS=${T_KERNELS:-130}
+T_MODEL=${T_MODEL:-75}        # per implementation
 export XLA_PYTHON_CLIENT_PREALLOCATE=false   # so bench.model's peak memory is the model's
 
 run() {  # run NAME TIMEOUT CMD...
@@ -88,13 +92,18 @@ run numerics "$T_NUMERICS" bash -c "$PY -m bench.triton_gpu_check --batch 64 --i
   cp kernels/triton_gpu/autotune_table.py $RES/autotune_table.py"
 run kernels "$T_KERNELS" $PY -m bench.kernels --quick --dtypes bf16 \
   --configs cifar10,imagenet64_p4 --out "$RES"
-# bf16: the H200 targets are bf16; xla vs triton on the same model and batch.
-run model "$T_MODEL" $PY -m bench.model --config cifar10 --batch 256 \
-  --implementations xla,triton --dtype bfloat16 --steps 10 --sample-steps 10 --out "$RES"
+# bf16: the H200 targets are bf16; xla, cudnn and triton on the same model and batch, one
+# process each so that each dumps the autotune results of its own compiles.
+for IMPL in xla cudnn triton; do
+  run "model_$IMPL" "$T_MODEL" env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_dump_autotune_results_to=$RES/autotune_$IMPL.textproto" \
+    $PY -m bench.model --config cifar10 --batch 256 --implementations "$IMPL" \
+    --dtype bfloat16 --steps 10 --sample-steps 10 --out "$RES/model_$IMPL"
+done
 
 if [[ $DRY == 1 ]]; then
-  echo "# outputs: $RES/{env.txt,suite.log,*.log,triton_gpu_check.md,autotune_table.py,kernels.json,kernels.md,kernels_sweep_interface.png,model_cifar10_b256.json,model_cifar10_b256.md}"
-  echo "# then: copy $RES/autotune_table.py over kernels/triton_gpu/autotune_table.py and commit both"
+  echo "# outputs: $RES/{env.txt,suite.log,*.log,triton_gpu_check.md,autotune_table.py,kernels.json,kernels.md,kernels_sweep_interface.png,model_{xla,cudnn,triton}/model_cifar10_b256.{json,md},autotune_{xla,cudnn,triton}.textproto}"
+  echo "# then: copy $RES/autotune_table.py over kernels/triton_gpu/autotune_table.py and commit both;"
+  echo "#       python -m bench.gpu_static --autotune-from $RES/autotune_xla.textproto --tag autotuned"
 else
   echo "=== done; results in $RES" | tee -a "$RES/suite.log"
   ls -la "$RES"

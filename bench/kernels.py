@@ -81,6 +81,12 @@ def implementations(platform: str | None = None) -> list[Impl]:
            "claims)" if platform != "gpu" else "kernels.triton_gpu does not import here "
            "(jax-triton missing?)")
     out.append(Impl("triton", "ours", "triton", why))
+  # Ours over cuDNN's fused attention (kernels/cudnn_gpu.py): the blocks compose XLA's
+  # projections around it, so it is the peer of the Triton blocks.
+  if platform == "gpu":
+    out.append(Impl("cudnn", "ours", "cudnn"))
+  else:
+    out.append(Impl("cudnn", "ours", "cudnn", "needs an NVIDIA GPU with cuDNN (bf16/fp16)"))
   out.append(Impl("dpa:xla", "dpa", "xla"))
   if platform == "gpu":
     out.append(Impl("dpa:cudnn", "dpa", "cudnn"))

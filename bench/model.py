@@ -402,6 +402,8 @@ def default_implementations(platform: str) -> list[str]:
   out = ["xla"]
   if platform == "gpu" and "triton" in avail:
     out.append("triton")
+  if platform == "gpu":
+    out.append("cudnn")     # cuDNN fused attention, blocks composed in XLA: Triton's peer
   if platform == "tpu" and "pallas_tpu" in avail:
     out.append("pallas_tpu")
   return out

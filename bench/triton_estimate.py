@@ -31,6 +31,10 @@ second pass; the self-conditioning pass is forward only), for
           the weight gradients get 16-32 CTAs), attention cores as now.
 The latent tower's GEMMs and MLPs, the stem and the readout are identical on all paths
 and left out, so the ratio is that of the kernel-backed work only.
+
+The xla column here is hand-modelled. bench.gpu_static replaces it: it reads the kernels
+XLA's GPU compiler really emits for the whole step (deviceless, H100/H200 targets; the
+cuDNN path beside them) and costs each one (bench/results/gpu_static/).
 """
 from __future__ import annotations
 
@@ -89,10 +93,13 @@ def launch_cost(rec) -> Cost:
   nbytes = sum(math.prod(s) * _ITEM[d] for s, d in zip(rec.in_shapes, rec.in_dtypes))
   nbytes += sum(math.prod(s) * _ITEM[d] for s, d in zip(rec.out_shapes, rec.out_dtypes))
   flops = 0.0
-  if name in ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"):
+  if name in ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel",
+              "_attn_bwd_fused_kernel"):
     qk = 2.0 * c["B"] * c["H"] * c["LQ"] * c["LK"] * c["D_PAD"]
+    # fused backward: S recomputed, dP, dV, dK, dQ (the two-kernel split recomputes S and
+    # dP in both).
     flops = qk * {"_attn_fwd_kernel": 2, "_attn_bwd_dkdv_kernel": 4,
-                  "_attn_bwd_dq_kernel": 3}[name]
+                  "_attn_bwd_dq_kernel": 3, "_attn_bwd_fused_kernel": 5}[name]
   elif name == "_read_attn_kernel":
     q_blocks = rec.grid[0]
     flops = (4.0 * c["B"] * c["H"] * c["M"] * c["N"] * c["D_PAD"]

@@ -4,11 +4,15 @@ Implementations:
   "xla"        pure jax.numpy (kernels/reference.py); runs anywhere, the default on CPU.
   "pallas_tpu" Pallas kernels lowered through Mosaic (kernels/pallas_tpu/).
   "triton"     Triton kernels called through jax-triton (kernels/triton_gpu/).
+  "cudnn"      cuDNN fused attention (jax.nn.dot_product_attention(implementation="cudnn"))
+               as the attention core, blocks composed over it in XLA (kernels/cudnn_gpu.py).
 
-`implementation=None` picks the platform default. On GPU that default is measured, not
-assumed: Triton only for the op/shape classes where a GPU measurement committed in
-kernels/triton_gpu/autotune_table.py (WINS, filled by bench/gpu_suite.sh) shows it beating
-XLA, "xla" otherwise, said once in the log per class. On TPU the same rule runs over
+`implementation=None` picks the platform default. On GPU it is chosen per op/shape class
+among "xla", "cudnn" and "triton" by evidence, the fastest one: a GPU measurement committed
+in kernels/triton_gpu/autotune_table.py (WINS, filled by bench/gpu_suite.sh) where one
+exists, else the estimate in kernels/gpu_cost_table.py (WINS, `bench.gpu_static
+--write-wins`: a roofline over the kernels XLA:GPU compiles deviceless, no GPU measured),
+"xla" for a class neither has; said once in the log per class with its source. On TPU the same rule runs over
 kernels/pallas_tpu/cost_table.py (WINS, filled by `bench.tpu_static --write-wins` from the
 TPU compiler's own cost model: an estimate, no TPU measured): the Pallas kernels only for a
 class whose estimated time per train step, kernels plus the XLA ops around them, beats
@@ -38,10 +42,13 @@ _BACKEND_MODULES = {
     "xla": "kernels.reference",
     "pallas_tpu": "kernels.pallas_tpu",
     "triton": "kernels.triton_gpu",
+    "cudnn": "kernels.cudnn_gpu",
 }
 IMPLEMENTATIONS = tuple(_BACKEND_MODULES)
 # TPU: "xla", widened per op/shape class to "pallas_tpu" where cost_table.WINS (TPU cost
-# model) shows the kernels winning; GPU: "triton", narrowed per class by the measured WINS.
+# model) shows the kernels winning; GPU: per class the fastest of xla / cudnn / triton by
+# the measured WINS, else the gpu_cost_table estimate (_gpu_default); "triton" only for a
+# call without an op class.
 _PLATFORM_DEFAULT = {"tpu": "xla", "gpu": "triton", "cuda": "triton"}
 TPU_DEFAULT_REASON = ("per op class by kernels/pallas_tpu/cost_table.py WINS, the TPU "
                       "compiler's cost-model estimate; bench/results/tpu_static/scopes_v5e.md: "
@@ -68,6 +75,48 @@ def shape_class(op: str, *arrays, heads: int = 0, dtype=None) -> str:
 _WINS_TABLES = {"gpu": ("kernels.triton_gpu.autotune_table", "triton"),
                 "tpu": ("kernels.pallas_tpu.cost_table", "pallas_tpu")}
 _WINS_SOURCE = {"gpu": "GPU measurement", "tpu": "TPU cost-model estimate (bench.tpu_static)"}
+
+
+# GPU evidence, in order of precedence: (module, what it is).
+_GPU_EVIDENCE = (("kernels.triton_gpu.autotune_table", "GPU measurement"),
+                 ("kernels.gpu_cost_table", "ESTIMATE (bench.gpu_static roofline over the "
+                                            "deviceless XLA:GPU compile)"))
+_GPU_CHOICES = ("xla", "cudnn", "triton")
+
+
+def _gpu_default(op_key: str) -> str:
+  """implementation=None on GPU for one op/shape class: the fastest of xla / cudnn / triton
+  by the first evidence table with a row for the class (a measurement overrides the
+  estimate); an implementation that cannot run here (not importable; cudnn for a dtype
+  other than bf16/fp16) is skipped; "xla" when no table has the class."""
+  for module, what in _GPU_EVIDENCE:
+    try:
+      row = getattr(importlib.import_module(module), "WINS", {}).get(op_key)
+    except ImportError:
+      row = None
+    if not row:
+      continue
+    times = {}
+    for impl in _GPU_CHOICES:
+      us = row.get(f"{impl}_us")
+      if us is None or (impl == "cudnn" and not op_key.endswith(("bfloat16", "float16"))):
+        continue
+      if impl != "xla":
+        try:
+          _backend(impl)
+        except NotImplementedError:
+          continue
+      times[impl] = us
+    if not times:
+      continue
+    best = min(times, key=times.get)
+    _log_once(("gpu", op_key), "implementation=None on GPU: %s -> %r (%s on %s: %s)", op_key,
+              best, what, row.get("device", "?"),
+              ", ".join(f"{k} {v:.1f} us" for k, v in sorted(times.items())))
+    return best
+  _log_once(("gpu", op_key), "implementation=None on GPU: no measurement or estimate for %s; "
+            "using 'xla' (implementation='triton' or 'cudnn' forces one)", op_key)
+  return "xla"
 
 
 def _measured_default(op_key: str, platform: str = "gpu") -> str:
@@ -149,8 +198,8 @@ def resolve_implementation(implementation: str | None, op_key: str | None = None
     name = default_implementation()
     platform = jax.default_backend()
     if op_key is not None:
-      if name == "triton" and platform in _GPU_PLATFORMS:
-        name = _measured_default(op_key, "gpu")
+      if platform in _GPU_PLATFORMS:
+        name = _gpu_default(op_key)
       elif platform == "tpu":
         name = _measured_default(op_key, "tpu")
     return name
@@ -265,7 +314,7 @@ def cross_attention(q, k, v, *, implementation: str | None = None,
 
 def _prec_kw(name, precision):
   # Backends without a precision switch (pallas_tpu) keep their own policy.
-  return {"precision": precision} if name == "triton" else {}
+  return {"precision": precision} if name in ("triton", "cudnn") else {}
 
 
 def read_block(z, x, params: ReadBlockParams, *, num_heads: int,

@@ -125,20 +125,22 @@ def _merge_heads(x):
   return x.reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1])
 
 
-def attention_block(x_q, x_kv, p, *, num_heads: int, precision=None):
+def attention_block(x_q, x_kv, p, *, num_heads: int, precision=None, attention=None):
   """Residual MHA with pre-norm on the queries only: x_q + MHA(LN(x_q), x_kv).
 
   Shared by the read block (queries = latents, kv = interface) and the write
   block (queries = interface, kv = latents). Keys/values are projected from the
-  raw source with no LayerNorm, as in the authors' code.
+  raw source with no LayerNorm, as in the authors' code. `attention(q, k, v)`: the
+  attention core (default cross_attention), as in latent_attention_block.
   """
+  attention = attention or functools.partial(cross_attention, precision=precision)
   cdt, op = compute_dtype(x_q.dtype), x_q.dtype
   h = layer_norm(x_q, p.ln_scale, p.ln_bias)
   pr = dict(precision=precision)
   q = _split_heads(dense(h, p.wq, p.bq, op, **pr), num_heads).astype(op)
   k = _split_heads(dense(x_kv, p.wk, p.bk, op, **pr), num_heads).astype(op)
   v = _split_heads(dense(x_kv, p.wv, p.bv, op, **pr), num_heads).astype(op)
-  o = cross_attention(q, k, v, **pr)
+  o = attention(q, k, v)
   return x_q.astype(cdt) + dense(_merge_heads(o), p.wo, p.bo, op, **pr)
 
 
@@ -153,9 +155,10 @@ def attention_probs(x_q, x_kv, p, *, num_heads: int):
   return softmax(s * q.shape[-1] ** -0.5)
 
 
-def read_block(z, x, p: ReadBlockParams, *, num_heads: int, precision=None):
+def read_block(z, x, p: ReadBlockParams, *, num_heads: int, precision=None, attention=None):
   """Read: latents z [B, M, D] attend to the interface x [B, N, T]."""
-  return attention_block(z, x, p, num_heads=num_heads, precision=precision).astype(z.dtype)
+  return attention_block(z, x, p, num_heads=num_heads, precision=precision,
+                         attention=attention).astype(z.dtype)
 
 
 def interface_mlp(y, p: WriteBlockParams, dtype, precision=None):
@@ -165,10 +168,12 @@ def interface_mlp(y, p: WriteBlockParams, dtype, precision=None):
   return y + dense(gelu(dense(h, p.w1, p.b1, dtype, **pr)), p.w2, p.b2, dtype, **pr)
 
 
-def write_block(x, z, p: WriteBlockParams, *, num_heads: int, precision=None):
+def write_block(x, z, p: WriteBlockParams, *, num_heads: int, precision=None,
+                attention=None):
   """Write: interface x [B, N, T] attends to latents z [B, M, D], then the
-  interface MLP (skipped when `p.w1 is None`)."""
-  y = attention_block(x, z, p, num_heads=num_heads, precision=precision)
+  interface MLP (skipped when `p.w1 is None`). `attention`: as attention_block."""
+  y = attention_block(x, z, p, num_heads=num_heads, precision=precision,
+                      attention=attention)
   if p.w1 is not None:
     y = interface_mlp(y, p, x.dtype, precision)
   return y.astype(x.dtype)

@@ -3,8 +3,9 @@
     o = cross_attention(q, k, v, scale=..., interpret=False, block_sizes=None)
 
 q: [B, Lq, H, Dh], k, v: [B, Lk, H, Dh]. `jax.custom_vjp` saves (q, k, v, o, lse)
-and runs the delta, dK/dV and dQ kernels; both directions are `vmappable` units
-(vmap folds into the batch axis).
+and runs the one-pass backward kernel where the keys are one tile (plan.fused_bwd: it reads
+q, k, v, o, dO once, where the delta, dK/dV and dQ kernels read q, k, v, dO twice), else
+those three; both directions are `vmappable` units (vmap folds into the batch axis).
 """
 from __future__ import annotations
 
@@ -72,6 +73,24 @@ def _bwd_impl(q, k, v, o, lse, do, *, scale, interpret, block_sizes, precision):
   lk = k.shape[1]
   plan = _plan(q, k, block_sizes, precision)
   run = dict(interpret=interpret, num_warps=plan.num_warps)
+  if plan.fused_bwd:
+    # One pass (attention_kernels._attn_bwd_fused_kernel): the keys are one tile.
+    qs = plan.q_splits_bwd
+    part_dt = jnp.float32 if qs > 1 else q.dtype
+    dq, dk, dv = launch(
+        ak._attn_bwd_fused_kernel, (1, b * h, qs), (q, k, v, o, do, lse),
+        (jax.ShapeDtypeStruct(q.shape, q.dtype),) + (
+            jax.ShapeDtypeStruct((qs,) + k.shape, part_dt),) * 2,
+        interpret=interpret, num_warps=plan.num_warps_fused_bwd, num_stages=plan.num_stages,
+        SCALE=float(scale), B=b, H=h, LQ=lq, LK=lk, DH=dh, D_PAD=plan.d_pad,
+        BLOCK_M=plan.block_q_bwd, BLOCK_N=plan.block_kv, SPLIT_LEN=plan.q_split_len_bwd,
+        PREC=_precision.triton_input_precision(precision))
+    if qs > 1:
+      dk = jnp.sum(dk, axis=0, dtype=jnp.float32).astype(k.dtype)
+      dv = jnp.sum(dv, axis=0, dtype=jnp.float32).astype(v.dtype)
+    else:
+      dk, dv = dk[0], dv[0]
+    return dq, dk, dv
   (delta,) = launch(ak._attn_bwd_delta_kernel, (cdiv(lq, plan.block_q), b * h),
                     (o, do), (jax.ShapeDtypeStruct((b, h, lq), jnp.float32),),
                     num_stages=1, H=h, LQ=lq, DH=dh, D_PAD=plan.d_pad,

@@ -15,6 +15,9 @@ Kernels (grid axes in brackets):
   _attn_bwd_delta_kernel [q blocks, batch*heads]  delta = rowsum(dO * O).
   _attn_bwd_dkdv_kernel  [k blocks, batch*heads, q splits]  dK, dV for one key block.
   _attn_bwd_dq_kernel    [q blocks, batch*heads, kv splits]  dQ for one query block.
+  _attn_bwd_fused_kernel [1, batch*heads, q splits]  the whole backward (delta, dQ, dK, dV)
+                         in one pass when the keys are one tile (latent and write attention:
+                         128 keys); the three kernels above otherwise (the read direction).
 
 Numerics: scores are formed in base 2, s2 = (q k^T) * (SCALE * log2 e), so each
 exponential is one exp2 with the scale folded into a single multiply; the stored
@@ -291,3 +294,57 @@ def _attn_bwd_dq_kernel(
   # dq: [splits, B, LQ, H, DH]
   out = (pid_s * B + b) * (LQ * row) + h * DH + q_idx
   tl.store(dq_ptr + out, (dq * SCALE).to(dq_ptr.dtype.element_ty), mask=md_mask)
+
+
+@triton.jit
+def _attn_bwd_fused_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, dq_ptr, dk_ptr, dv_ptr,
+    SCALE: tl.constexpr, B: tl.constexpr, H: tl.constexpr, LQ: tl.constexpr,
+    LK: tl.constexpr, DH: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLIT_LEN: tl.constexpr, PREC: tl.constexpr,
+):
+  """The whole backward of a key range that is one tile (LK <= BLOCK_N: latent and write
+  attention, 128 latent keys): per (batch*head, query split) one program keeps K, V and the
+  dK, dV accumulators on chip, walks its queries once and computes delta = rowsum(dO * O),
+  dQ (complete: every key is in the tile), dK and dV from one load of q, o, dO each. The
+  three-kernel path (delta, dK/dV, dQ) reads q, k, v and dO twice and o once more."""
+  pid_bh = tl.program_id(1).to(tl.int64)
+  pid_s = tl.program_id(2).to(tl.int64)
+  b = pid_bh // H
+  h = pid_bh % H
+  row: tl.constexpr = H * DH
+  offs_n = tl.arange(0, BLOCK_N)
+  offs_d = tl.arange(0, D_PAD)
+  n_mask = offs_n < LK
+  d_mask = offs_d < DH
+  nd_mask = n_mask[:, None] & d_mask[None, :]
+  kv_base = b * (LK * row) + h * DH
+  kv_idx = offs_n[:, None] * row + offs_d[None, :]
+  k = tl.load(k_ptr + kv_base + kv_idx, mask=nd_mask, other=0.0)
+  v = tl.load(v_ptr + kv_base + kv_idx, mask=nd_mask, other=0.0)
+  dk = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
+  dv = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
+  q_base = b * (LQ * row) + h * DH
+  stat_base = pid_bh * LQ
+  start = (pid_s * SPLIT_LEN).to(tl.int32)
+  stop = tl.minimum(start + SPLIT_LEN, LQ)
+  for m0 in range(start, stop, BLOCK_M):
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < stop
+    md_mask = m_mask[:, None] & d_mask[None, :]
+    q_idx = offs_m[:, None] * row + offs_d[None, :]
+    q = tl.load(q_ptr + q_base + q_idx, mask=md_mask, other=0.0)
+    do = tl.load(do_ptr + q_base + q_idx, mask=md_mask, other=0.0)
+    o = tl.load(o_ptr + q_base + q_idx, mask=md_mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    lse = tl.load(lse_ptr + stat_base + offs_m, mask=m_mask, other=0.0)
+    p = _attn_bwd_p(q, k, lse, m_mask, n_mask, SCALE, PREC)
+    dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
+    ds = _attn_bwd_ds(p, do, v, delta, PREC)
+    dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
+    dq = tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+    tl.store(dq_ptr + q_base + q_idx, (dq * SCALE).to(dq_ptr.dtype.element_ty), mask=md_mask)
+  # dk, dv: [splits, B, LK, H, DH]
+  out = (pid_s * B + b) * (LK * row) + h * DH + kv_idx
+  tl.store(dk_ptr + out, (dk * SCALE).to(dk_ptr.dtype.element_ty), mask=nd_mask)
+  tl.store(dv_ptr + out, dv.to(dv_ptr.dtype.element_ty), mask=nd_mask)

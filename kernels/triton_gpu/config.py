@@ -37,6 +37,7 @@ class BlockSizes:
   q_splits_bwd: int | None = None   # dK/dV split of the query axis
   num_warps: int | None = None
   num_stages: int | None = None
+  fused_bwd: bool | None = None     # one-pass backward where the keys are one tile
 
 
 def _tile(n: int, cap: int) -> int:
@@ -94,6 +95,10 @@ class AttentionPlan:
   q_split_len_bwd: int    # queries per dK/dV split
   num_warps: int
   num_stages: int
+  # One-pass backward (delta, dQ, dK, dV in one kernel) when every key fits one tile of a
+  # non-split forward: the latent and write attention's 128 keys.
+  fused_bwd: bool = False
+  num_warps_fused_bwd: int = 8
 
 
 ONE_PASS_MAX_KEYS = 128   # key ranges up to this are one tile: softmax without rescale
@@ -162,5 +167,9 @@ def attention_plan(b: int, lq: int, lk: int, h: int, dh: int, dtype_name: str,
   # dK/dV: split the query axis when key tiles alone leave SMs idle (write direction).
   qs, q_split_len = split_axis(bs.q_splits_bwd, tab, "q_splits_bwd", lq, block_q_bwd,
                                 cdiv(lk, block_kv_bwd) * b * h)
+  # The fused backward holds K, V, dK, dV ([block_kv, d_pad] each) and the [block_q_bwd,
+  # block_kv] score tiles of one program: tensor-core dtypes up to 128 keys x 64 dims.
+  fused_bwd = (splits == 1 and lk <= block_kv and not ieee and d_pad <= 64
+               and _pick(bs.fused_bwd, tab, "fused_bwd", True))
   return AttentionPlan(d_pad, block_q, block_kv, splits, split_len, block_q_bwd,
-                       block_kv_bwd, qs, q_split_len, num_warps, num_stages)
+                       block_kv_bwd, qs, q_split_len, num_warps, num_stages, bool(fused_bwd))

@@ -80,6 +80,23 @@ def test_attention_explicit_block_sizes_and_splits():
   _check_attention(1, 40, 70, 2, 24, jnp.float32, block_sizes=bs)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16], ids=["fp32", "fp16"])
+def test_fused_backward_where_the_keys_are_one_tile(dtype):
+  # Keys that fit one tile (latent and write attention) take the one-pass backward (delta,
+  # dQ, dK, dV in one kernel); a longer key range, or fused_bwd=False, the three kernels.
+  from kernels.triton_gpu import config
+  name = jnp.dtype(dtype).name
+  assert config.attention_plan(2, 128, 128, 16, 32, "bfloat16").fused_bwd
+  assert config.attention_plan(2, 256, 128, 8, 32, "bfloat16").fused_bwd
+  assert not config.attention_plan(2, 128, 256, 8, 32, "bfloat16").fused_bwd   # read
+  assert not config.attention_plan(2, 128, 128, 8, 32, name, {"fused_bwd": False}).fused_bwd
+  # Both backward paths against the oracle, with the fused one's query split (2 splits:
+  # dK/dV partials summed) and the three-kernel path forced on the same shape.
+  assert config.attention_plan(1, 40, 24, 2, 32, name, {"q_splits_bwd": 2}).fused_bwd
+  _check_attention(1, 40, 24, 2, 32, dtype, block_sizes={"q_splits_bwd": 2, "block_q_bwd": 16})
+  _check_attention(1, 40, 24, 2, 32, dtype, block_sizes={"fused_bwd": False})
+
+
 def _check_block(direction, shape, dtype):
   """shape: (batch, m, d, n, t, heads, width, mlp_hidden)."""
   oc.check_block(_op(direction, shape[5]), direction, shape, dtype, backend="triton")
@@ -335,8 +352,11 @@ def test_precision_policy_of_the_triton_blocks(precision, prec, lax_prec):
 
   recs, dots = traced(jnp.float32)
   kinds = {r.kernel.__name__ for r in recs}
-  assert {"_read_attn_kernel", "_attn_fwd_kernel", "_attn_bwd_dkdv_kernel",
-          "_attn_bwd_dq_kernel"} <= kinds, kinds
+  # The keys here fit one tile: the one-pass backward, except for IEEE fp32 ("highest"),
+  # which keeps the three-kernel backward.
+  bwd = ({"_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"} if precision == "highest"
+         else {"_attn_bwd_fused_kernel"})
+  assert {"_read_attn_kernel", "_attn_fwd_kernel"} | bwd <= kinds, kinds
   dot_kernels = [r for r in recs if "PREC" in dict(r.constexprs)]
   assert dot_kernels and all(dict(r.constexprs)["PREC"] == prec for r in dot_kernels)
   assert dots
@@ -350,13 +370,14 @@ def test_precision_policy_of_the_triton_blocks(precision, prec, lax_prec):
   # The dot operands of each kernel (by position): q, k, v (and dO in the backward); the
   # fused read's q, x, Wk, Wv. Biases, lse and delta stay fp32.
   operands = {"_attn_fwd_kernel": (0, 1, 2), "_attn_bwd_dkdv_kernel": (0, 1, 2, 3),
-              "_attn_bwd_dq_kernel": (0, 1, 2, 3), "_read_attn_kernel": (0, 1, 2, 4)}
+              "_attn_bwd_dq_kernel": (0, 1, 2, 3), "_read_attn_kernel": (0, 1, 2, 4),
+              "_attn_bwd_fused_kernel": (0, 1, 2, 4)}
   seen = set()
   for r in recs:
     name = r.kernel.__name__
     if "PREC" in dict(r.constexprs):
       seen.add(name)
       assert [r.in_dtypes[i] for i in operands[name]] == ["bfloat16"] * len(operands[name]), r
-  assert seen == set(operands), seen
+  assert seen == {"_attn_fwd_kernel", "_read_attn_kernel", "_attn_bwd_fused_kernel"}, seen
   for e in dots:
     assert [v.aval.dtype for v in e.invars] == [jnp.bfloat16] * 2, e
