@@ -347,6 +347,9 @@ def gpu_env(xla_flags: str = "") -> dict:
   env["CUDA_VISIBLE_DEVICES"] = "-1"             # deviceless: the GPU is a compile target
   env["JAX_PLATFORMS"] = ""                      # let the cuda plugin register beside cpu
   env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + xla_flags).strip()
+  if os.path.isdir(plugin_dir()):
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (plugin_dir(), env.get("PYTHONPATH"))
+                                        if p)
   return env
 
 
@@ -469,9 +472,20 @@ def step_row(target, cfg, mode, impl, batch, kernels, mem, classes, times) -> di
                               unmatched=sum(1 for k in triton if not k["launch_matched"])))
 
 
+def plugin_dir() -> str:
+  """Where scripts/setup.sh installs jax's CUDA plugin for the deviceless compiles: a folder
+  of its own beside the venv's site-packages, on PYTHONPATH only in gpu_env()'s processes.
+  In site-packages the plugin would register in every jax process and, on a machine
+  without a GPU, print a cuInit traceback at each start (the main job, every test)."""
+  return os.environ.get("RIN_XLA_GPU_PLUGIN_DIR", os.path.join(sys.prefix, "xla_gpu_plugin"))
+
+
 def plugin_available() -> bool:
-  """Whether jax's CUDA plugin (XLA:GPU) is importable here (pip install -e .[test])."""
+  """Whether jax's CUDA plugin (XLA:GPU) is installed: in plugin_dir() (scripts/setup.sh)
+  or importable here (pip install -e .[gpu-static])."""
   import importlib.util
+  if os.path.isdir(os.path.join(plugin_dir(), "jax_plugins", "xla_cuda13")):
+    return True
   for m in ("jax_plugins.xla_cuda13", "jax_plugins.xla_cuda12"):
     try:
       if importlib.util.find_spec(m) is not None:

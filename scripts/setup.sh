@@ -14,4 +14,10 @@ fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -c constraints.txt -e ".[test]"
+# jax's CUDA plugin (XLA's GPU compiler) for the deviceless GPU compile rung, in a folder of
+# its own: bench.gpu_static puts it on PYTHONPATH of its compile processes only (in
+# site-packages every CPU-only jax process would print the plugin's cuInit failure). Its
+# CUDA libraries are torch's nvidia-* wheels above. ~140 MB download, ~400 MB on disk.
+[ -d .venv/xla_gpu_plugin/jax_plugins/xla_cuda13 ] || .venv/bin/python -m pip install -q \
+  --no-deps -c constraints.txt --target .venv/xla_gpu_plugin jax-cuda13-plugin jax-cuda13-pjrt
 echo "setup.sh: .venv ready ($(.venv/bin/python --version))"

@@ -111,14 +111,16 @@ def test_main_rejects_unknown_arguments():
 
 
 @pytest.mark.skipif(not gs.plugin_available(),
-                    reason="jax's CUDA plugin is not installed (pip install -e .[test] "
-                           "installs jax-cuda13-plugin; CI must have it)")
+                    reason="jax's CUDA plugin is not installed (scripts/setup.sh "
+                           "installs jax-cuda13-plugin into .venv/xla_gpu_plugin; CI must have it)")
 def test_deviceless_gpu_compile_of_the_xla_cudnn_and_triton_paths():
   """The CI rung: read, latent attention and write blocks, fwd + bwd, compiled by XLA:GPU
   for an H100 in a fresh process (the plugin reads its environment once)."""
   root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   env = gs.gpu_env(gs.CI_FLAGS)
-  env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in sys.path if p])
+  # gpu_env's PYTHONPATH carries the plugin's folder (scripts/setup.sh installs it there).
+  env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")] +
+                                      [p for p in sys.path if p])
   r = subprocess.run([sys.executable, "-m", "bench.gpu_static", "--ops-check"], env=env,
                      cwd=root, capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stderr[-3000:]
