@@ -18,7 +18,11 @@ def get_config() -> ml_collections.ConfigDict:
       num_classes=10, self_cond_mlp_ratio=4.0, dropout=0.0, drop_path=0.0,
       # Keras-MultiHeadAttention fan counting, as the authors (rin.layers.attention_kernel_init);
       # "xavier" for a plain 2-D xavier. Init only: checkpoints load either way.
-      attention_init="keras_mha")
+      attention_init="keras_mha",
+      # The authors' conv_kernel_size / conv_drop_units (default 0: off): a depthwise conv
+      # block on the interface grid after each write (rin.layers.InterfaceConv; for video a
+      # space-time conv over conditioning-then-noisy steps, rin.model.VideoRIN).
+      conv_kernel_size=0, conv_dropout=0.0)
   # rin.diffusion: schedules, target and loss (authors' base config: pred_type/loss_type eps).
   c.diffusion = dict(
       train_schedule="sigmoid@-3,3,0.9", sample_schedule="cosine", target="eps",
