@@ -171,6 +171,16 @@ def test_depthwise_conv_equals_lax_grouped_conv():
                                        precision=jax.lax.Precision.HIGHEST) + bias
     got = layers.depthwise_conv_same(g, kern, bias)
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    # its own VJP (flipped-kernel input gradient, one dot per offset for the kernel) against
+    # autodiff of the lax conv
+    ct = jax.random.normal(jax.random.PRNGKey(3), shape)
+    lax_conv = lambda g, w: jax.lax.conv_general_dilated(
+        g, w, (1,) * d, "SAME", dimension_numbers=dn, feature_group_count=c,
+        precision=jax.lax.Precision.HIGHEST)
+    want = jax.vjp(lax_conv, g, kern)[1](ct)
+    have = jax.vjp(lambda g, w: layers.depthwise_conv_same(g, w, bias), g, kern)[1](ct)
+    for w_, h_ in zip(want, have):
+      np.testing.assert_allclose(h_, w_, rtol=1e-4, atol=1e-4 * float(jnp.abs(w_).max()))
 
 
 # ---------------------------------------------------------------------------------------
