@@ -10,7 +10,8 @@ test clips): per-frame PSNR and SSIM of the predictions against the true continu
 copying the last conditioning frame and blank frames (the conditioning frames' background).
 Writes <out>/video_quality.{json,md,png} and copies seed 0's last sample GIF to
 <out>/samples.gif. Finished runs are read, not retrained (bench.quality's rule).
-`--ablate KEY=VALUE` (repeatable) also trains the config with that one override (on
+`--set KEY=VALUE` (repeatable) overrides the config in every run (e.g. train.num_steps on a
+GPU); `--ablate KEY=VALUE` (repeatable) also trains the config with that one override (on
 `--ablate_seeds`, default the same seeds) and adds its row to the table and plot.
 """
 from __future__ import annotations
@@ -47,7 +48,7 @@ def summarise(runs: dict[int, dict], predictors=PREDICTORS) -> dict:
 
 def _parse_ablation(text: str) -> tuple[str, object]:
   if "=" not in text:
-    raise ValueError(f"--ablate {text!r}: expected KEY=VALUE (a config key, e.g. "
+    raise ValueError(f"--set/--ablate {text!r}: expected KEY=VALUE (a config key, e.g. "
                      f"model.conv_kernel_size=0)")
   k, v = text.split("=", 1)
   try:
@@ -105,6 +106,8 @@ def main(argv=None):
   ap.add_argument("--seeds", default="0,1,2")
   ap.add_argument("--out", default="bench/results/video_quality")
   ap.add_argument("--verbose", action="store_true", help="show the training runs' output")
+  ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                  help="a config override for every run, e.g. train.num_steps=10000")
   ap.add_argument("--ablate", action="append", default=[], metavar="KEY=VALUE",
                   help="also train with this config override, e.g. model.conv_kernel_size=0")
   ap.add_argument("--ablate_seeds", default=None, help="seeds of the ablations (default --seeds)")
@@ -122,6 +125,7 @@ def main(argv=None):
   ablate_seeds = seed_list(args.ablate_seeds, "--ablate_seeds") if args.ablate_seeds else seeds
   try:
     ablations = [_parse_ablation(a) for a in args.ablate]
+    common = dict(_parse_ablation(a) for a in args.set)
   except ValueError as e:
     ap.error(str(e))
   os.makedirs(args.out, exist_ok=True)
@@ -129,7 +133,7 @@ def main(argv=None):
   for s in seeds:
     workdir = os.path.join(args.out, "runs", f"seed{s}")
     print(f"seed {s} ...", flush=True)
-    runs[s] = train_run(args.config, workdir, {"train.seed": s}, num_steps=None,
+    runs[s] = train_run(args.config, workdir, {**common, "train.seed": s}, num_steps=None,
                         verbose=args.verbose, eval_key="eval/psnr")
   gifs = sorted(glob.glob(os.path.join(args.out, "runs", f"seed{seeds[0]}", "samples", "*.gif")))
   if gifs:
@@ -141,11 +145,12 @@ def main(argv=None):
     for s in ablate_seeds:
       workdir = os.path.join(args.out, "runs", f"{key}={value}", f"seed{s}")
       print(f"{label}: seed {s} ...", flush=True)
-      ab_runs[s] = train_run(args.config, workdir, {"train.seed": s, key: value},
+      ab_runs[s] = train_run(args.config, workdir, {**common, "train.seed": s, key: value},
                              num_steps=None, verbose=args.verbose, eval_key="eval/psnr")
     ablation_reports[label] = {"override": {key: value}, "seeds": ablate_seeds,
                                "runs": ab_runs, "summary": summarise(ab_runs, PREDICTORS[:1])}
-  report = {"config": args.config, "seeds": seeds, "ablations": ablation_reports,
+  report = {"config": args.config, "seeds": seeds, "overrides": common,
+            "ablations": ablation_reports,
             "num_samples": int(load_config(args.config).eval.num_samples),
             "command": "python -m bench.video_quality " + " ".join(argv or sys.argv[1:]),
             "runs": runs, "summary": summarise(runs)}
