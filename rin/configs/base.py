@@ -36,7 +36,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim = dict(
       learning_rate=3e-3, warmup_steps=10_000, decay_fraction=0.8, lr_schedule="cosine@r",
       end_lr_factor=0.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2, grad_clip=0.0,
-      ema_decay=0.9999)
+      ema_decay=0.9999,
+      # Parameter-path substrings excluded from weight decay and LAMB's trust ratio besides
+      # every 1-D parameter (rin.optim.decay_mask), e.g. ("conv/pointwise_kernel",).
+      lamb_exclude=())
   c.train = dict(
       batch_size=256, num_steps=150_000, seed=0, log_every=100,
       checkpoint_every=5_000, sample_every=10_000, num_sample_images=64,

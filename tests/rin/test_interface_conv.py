@@ -289,3 +289,29 @@ def test_workdir_of_a_config_before_the_option_still_resumes(tmp_path):
   cfg.model.conv_kernel_size = 3
   with pytest.raises(ValueError, match=r"model\.conv_kernel_size: checkpoint 0, config 3"):
     ckpt_lib.check_config_matches(str(tmp_path), cfg, write=False)
+
+
+def test_lamb_trust_ratio_freezes_the_zero_started_1x1_conv_unless_excluded():
+  """Under LAMB's trust ratio the 1x1 conv (init scale 1e-10) moves by ~lr of its own tiny
+  norm per step; optim.lamb_exclude takes it out of the trust ratio (and weight decay)."""
+  from rin.optim import decay_mask, make_optimizer
+  cfg = tiny_config()
+  cfg.model.conv_kernel_size = 3
+  cfg.optim.update(warmup_steps=0, learning_rate=1e-2)
+  model, args = _image(conv_kernel_size=3)
+  params = model.init(jax.random.PRNGKey(0), *args)["params"]
+  mask = decay_mask(params, ("conv/pointwise_kernel",))
+  assert not mask["block_0"]["conv"]["pointwise_kernel"] and mask["block_0"]["conv"][
+      "depthwise_kernel"] and mask["block_0"]["read"]["wq"]
+  grads = jax.tree.map(jnp.ones_like, params)
+  moved = {}
+  for exclude in ((), ("conv/pointwise_kernel",)):
+    cfg.optim.lamb_exclude = exclude
+    tx = make_optimizer(cfg.optim, 100)
+    p, s = params, tx.init(params)
+    for _ in range(10):
+      u, s = tx.update(grads, s, p)
+      p = jax.tree.map(lambda a, b: a + b, p, u)
+    moved[exclude] = float(jnp.abs(p["block_0"]["conv"]["pointwise_kernel"]).max())
+  assert moved[()] < 1e-5                              # frozen near its ~1e-6 init
+  assert moved[("conv/pointwise_kernel",)] > 0.05      # ~10 steps x lr 1e-2
