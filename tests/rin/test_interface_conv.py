@@ -29,7 +29,11 @@ def _image(**kw):
 
 
 def _video(**kw):
-  m = dict(tiny_video_config.get_config().model.to_dict(), **kw)
+  # the model fields of the tiny video config as they were before the conv (the moving-digits
+  # config now turns the conv and sin-cos positions on)
+  m = dict(tiny_video_config.get_config().model.to_dict(), conv_kernel_size=0,
+           tape_pos_encoding="learned")
+  m.update(kw)
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 8, 8, 1))
   c = jax.random.normal(jax.random.PRNGKey(1), (2, 3, 8, 8, 1))
   return rin.VideoRIN(**m), (x, G, c)
