@@ -5,7 +5,8 @@ Clips of 16 frames of 16x16 grey with one sklearn digit at its native 8x8 moving
 Kinetics-600, the paper's setting), the other 11 are predicted. 2x4x4 tubelets as in the paper:
 (6 + 3) x 4 x 4 = 144 interface tokens (the 11 noisy and 5 conditioning frames are each padded
 to an even frame count, as the authors' "SAME" stem does). Frames, model and step count are
-sized to train within 15 minutes on 2 shared CPU cores (README, "Video"); 32x32 frames with
+sized for minutes on 2 CPU cores (2000 steps took 23 min on the 2-core VM shared with other
+jobs, load ~10; README, "Video"); 32x32 frames with
 12x12 digits (--config.model.image_size=32 --config.data.digit_size=12) cost ~4x the
 interface work.
 
