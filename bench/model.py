@@ -25,6 +25,7 @@ on one candidate only. The ratios then include the median of the per-round ratio
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import os
 import resource
@@ -420,12 +421,22 @@ def main(argv=None) -> dict:
   ap.add_argument("--steps", type=int, default=None, help="timed train steps")
   ap.add_argument("--sample-steps", type=int, default=None, help="timed sampling steps")
   ap.add_argument("--dtype", default=None, help="compute dtype (config.train.dtype)")
+  ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                  help="a config.model field, e.g. conv_kernel_size=3 (repeatable)")
   ap.add_argument("--out", default=None)
   ap.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=True,
                   help="time the candidates round-robin (default) so that this shared "
                        "machine's slow spells hit all alike")
   args = ap.parse_args(argv)
   config = load_config(args.config)
+  for item in args.set:
+    field, sep, value = item.partition("=")
+    if not sep or field not in config.model:
+      ap.error(f"--set {item!r}: expected FIELD=VALUE with FIELD a config.model field")
+    try:
+      config.model[field] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      config.model[field] = value
   if args.dtype:
     config.train.dtype = args.dtype
   # Before the first computation (rin/xla_cpu.py): oneDNN dots, malloc keeps freed memory.

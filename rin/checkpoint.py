@@ -28,6 +28,7 @@ from absl import logging
 from ml_collections import ConfigDict
 
 from rin import distributed
+from rin.configs import base as base_config
 
 
 class CheckpointError(RuntimeError):
@@ -187,7 +188,9 @@ def check_config_matches(workdir: str, config: ConfigDict, *, write: bool = True
   path = os.path.join(workdir, "config.json")
   if os.path.exists(path):
     with open(path) as f:
-      saved = json.load(f)
+      # Keys the saved config predates read at their defaults (rin.configs.base.complete):
+      # a field added later at a default that keeps the old model does not refuse the workdir.
+      saved = base_config.complete(json.load(f)).to_dict()
     diff = config_differences(saved, config)
     fatal = {k: v for k, v in diff.items()
              if k.split(".")[0] in _MUST_MATCH and k not in _INIT_ONLY}

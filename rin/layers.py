@@ -7,6 +7,7 @@ flat arrays (names match `kernels.params`) because the kernels consume them dire
 """
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
@@ -264,6 +265,218 @@ class WriteBlock(_KernelBacked):
                                interpret=self.interpret, block_sizes=self.block_sizes)
 
 
+# ---------------------------------------------------------------------------------------
+# The authors' DepthwiseConvBlock on the interface grid (their TapeDenoiser's
+# conv_kernel_size / conv_drop_units; pix2seq architectures/convnet_blocks.py), applied after
+# each block's write.
+# ---------------------------------------------------------------------------------------
+
+GN_EPS = 1e-5    # the authors' GroupNormalization epsilon (not the LayerNorms' 1e-6)
+
+
+def check_conv_args(kernel_size, dropout, channels: int | None = None) -> None:
+  """The rules of conv_kernel_size / conv_dropout (and, when the conv is on, of the
+  interface width it normalises); ValueError naming the argument otherwise."""
+  if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 0 \
+      or (kernel_size and kernel_size % 2 == 0):
+    raise ValueError(f"conv_kernel_size must be 0 (no conv) or an odd integer >= 1 (a SAME "
+                     f"conv centred on each token), got {kernel_size!r}")
+  if not 0.0 <= dropout < 1.0:
+    raise ValueError(f"conv_dropout must lie in [0, 1), got {dropout!r}")
+  if kernel_size and channels is not None:
+    conv_groups(channels)
+
+
+def conv_groups(channels: int) -> int:
+  """GroupNorm groups of the conv block: min(C // 4, 32), as the authors; must divide C."""
+  g = min(channels // 4, 32)
+  if g < 1 or channels % g:
+    raise ValueError(f"the interface conv's GroupNorm has min(interface_dim // 4, 32) groups "
+                     f"(the authors' rule), which must be >= 1 and divide interface_dim; "
+                     f"interface_dim={channels} gives {g}")
+  return g
+
+
+def square_conv_layout(num_tokens: int) -> tuple:
+  """The authors' layout: the tokens as a square grid (rows, cols, no time segments)."""
+  side = math.isqrt(num_tokens)
+  if side * side != num_tokens:
+    raise ValueError(f"the interface conv lays {num_tokens} interface tokens out as a square "
+                     f"grid, which needs a square count; pass conv_layout=(rows, cols, "
+                     f"time_segments) for another layout")
+  return (side, side, ())
+
+
+def tape_to_grid(x, layout):
+  """The tokens a conv layout covers, as a grid: [B, rows, cols, C] for a 2-D layout
+  (the first rows*cols tokens), [B, steps, rows, cols, C] for a space-time one, whose
+  time_segments ((first token, steps), ...) list the tape's runs of rows*cols-token steps
+  in time order (they need not be in tape order: VideoRIN puts the conditioning steps,
+  which sit after the noisy ones on its tape, first)."""
+  rows, cols, segments = layout
+  b, c, hw = x.shape[0], x.shape[-1], rows * cols
+  if not segments:
+    return x[:, :hw].reshape(b, rows, cols, c)
+  return jnp.concatenate([x[:, s:s + n * hw].reshape(b, n, rows, cols, c)
+                          for s, n in segments], axis=1)
+
+
+def add_grid_to_tape(x, delta, layout):
+  """x + delta on the tokens the layout covers (inverse of tape_to_grid's gather); the
+  other tokens pass through unchanged."""
+  rows, cols, segments = layout
+  b, c, hw = x.shape[0], x.shape[-1], rows * cols
+  delta = delta.astype(x.dtype)
+  if not segments:
+    return x.at[:, :hw].add(delta.reshape(b, hw, c))
+  t = 0
+  for s, n in segments:
+    x = x.at[:, s:s + n * hw].add(delta[:, t:t + n].reshape(b, n * hw, c))
+    t += n
+  return x
+
+
+def _same_pads(ks):
+  return [((k - 1) // 2, k // 2) for k in ks]
+
+
+def _windows(g, ks):
+  """(offset, g's zero-padded grid shifted by it) for each of the prod(ks) kernel offsets."""
+  spatial = g.shape[1:-1]
+  gp = jnp.pad(g, [(0, 0)] + _same_pads(ks) + [(0, 0)])
+  for offs in itertools.product(*(range(k) for k in ks)):
+    yield offs, gp[(slice(None),) + tuple(slice(o, o + n) for o, n in zip(offs, spatial))]
+
+
+def _shifted_sum(g, kernel):
+  out = None
+  for offs, window in _windows(g, kernel.shape[:-2]):
+    term = window * kernel[offs + (0,)]
+    out = term if out is None else out + term
+  return out
+
+
+# Why a custom VJP and the barriers (measured on the moving-digits block, [16, 144, 128],
+# fwd+bwd on XLA:CPU): autodiff of the shifted sum reduces each offset's kernel gradient over
+# all but the channel axis (slow non-minor reductions), and XLA fuses the 27-term sum into
+# every consumer of its result, recomputing it there. The input gradient of a depthwise SAME
+# conv is the same shifted sum with the kernel flipped, the kernel gradient one dot per
+# offset, and the barriers keep each sum computed once: the block runs ~3x faster.
+@jax.custom_vjp
+def _depthwise(g, kernel):
+  return jax.lax.optimization_barrier(_shifted_sum(g, kernel))
+
+
+def _depthwise_fwd(g, kernel):
+  return _depthwise(g, kernel), (g, kernel)
+
+
+def _depthwise_bwd(res, ct):
+  g, kernel = res
+  ks = kernel.shape[:-2]
+  flipped = kernel[(slice(None, None, -1),) * len(ks)]
+  dg = jax.lax.optimization_barrier(_shifted_sum(ct, flipped))
+  axes = "abcdefgh"[:g.ndim - 1]
+  dk = jnp.stack([jnp.einsum(f"{axes}z,{axes}z->z", window, ct,
+                             preferred_element_type=jnp.float32)
+                  for _, window in _windows(g, ks)])
+  return dg, dk.reshape(kernel.shape).astype(kernel.dtype)
+
+
+_depthwise.defvjp(_depthwise_fwd, _depthwise_bwd)
+
+
+def depthwise_conv_same(g, kernel, bias):
+  """Depthwise conv, stride 1, SAME zero padding, over all axes between batch and channels:
+  g [B, *S, C], kernel [*K, 1, C] (odd K; the layout of flax's nn.Conv with
+  feature_group_count=C), bias [C].
+
+  Written as the sum of prod(K) shifted copies of the padded grid, each scaled per channel
+  (with its own VJP, above): a grouped convolution (nn.Conv with feature_group_count=C) ran
+  ~4x slower per train step on XLA:CPU. Cross-correlation, as lax.conv.
+  """
+  ks = kernel.shape[:-2]
+  if len(ks) != g.ndim - 2 or any(k % 2 == 0 for k in ks):
+    raise ValueError(f"depthwise_conv_same: kernel {kernel.shape} must be [*K, 1, C] with odd "
+                     f"K over the {g.ndim - 2} grid axes of {g.shape}")
+  return _depthwise(g, kernel) + bias
+
+
+def group_norm(y, scale, bias, groups: int, eps: float = GN_EPS):
+  """GroupNorm over all axes but batch, per group of C/groups channels (float32
+  statistics, two passes), then a per-channel scale and bias; returns float32.
+
+  The sums are einsums over the grid (per channel, then per group): XLA:CPU reduces a
+  [B, S, C] array over S faster as a dot than as a reduction of a non-minor axis (the
+  block's GroupNorm fwd+bwd ~2x faster)."""
+  shape, c = y.shape, y.shape[-1]
+  b, per = shape[0], c // groups
+  y2 = y.astype(jnp.float32).reshape(b, -1, c)
+  n = y2.shape[1] * per
+  per_group = lambda v: jnp.repeat(v.reshape(b, groups, per).sum(-1), per, axis=-1)[:, None]
+  mean = per_group(jnp.einsum("bsc->bc", y2)) / n
+  centred = y2 - mean
+  var = per_group(jnp.einsum("bsc,bsc->bc", centred, centred)) / n
+  return (centred * jax.lax.rsqrt(var + eps)).reshape(shape) * scale + bias
+
+
+CONV_PARAMS = ("depthwise_kernel", "depthwise_bias", "norm_scale", "norm_bias",
+               "pointwise_kernel", "pointwise_bias")
+depthwise_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
+pointwise_init = nn.initializers.variance_scaling(1e-10, "fan_avg", "uniform")
+
+
+def conv_param_shapes(channels: int, kernel_size: int, spatial_dims: int) -> dict:
+  """name -> (initialiser, shape). The depthwise kernel [k]*d + [1, C]: its fans
+  (fan_in k^d, fan_out C k^d) average to what Keras' DepthwiseConv2D counts for its
+  [k, k, C, 1] kernel, so VarianceScaling(1.0, fan_avg, uniform) draws from the authors'
+  range; the 1x1 conv as a Dense [C, C] has the same fans as their [1, 1, C, C] kernel."""
+  c = channels
+  return dict(depthwise_kernel=(depthwise_init, (kernel_size,) * spatial_dims + (1, c)),
+              depthwise_bias=(zeros, (c,)), norm_scale=(ones, (c,)), norm_bias=(zeros, (c,)),
+              pointwise_kernel=(pointwise_init, (c, c)), pointwise_bias=(zeros, (c,)))
+
+
+def interface_conv(x, params, layout, *, dropout=lambda h: h, dtype=None):
+  """The authors' DepthwiseConvBlock on the tokens `layout` covers, residual:
+  x + pointwise(dropout(silu(GroupNorm(depthwise(grid))))); other tokens pass through.
+  params: a mapping with CONV_PARAMS; dropout: the dropout to apply (identity in eval)."""
+  dt = dtype or x.dtype
+  grid = tape_to_grid(x, layout).astype(dt)
+  h = depthwise_conv_same(grid, params["depthwise_kernel"].astype(dt),
+                          params["depthwise_bias"].astype(dt))
+  h = group_norm(h, params["norm_scale"], params["norm_bias"],
+                 conv_groups(x.shape[-1])).astype(dt)
+  h = dropout(nn.silu(h))
+  h = h @ params["pointwise_kernel"].astype(dt) + params["pointwise_bias"].astype(dt)
+  return add_grid_to_tape(x, h, layout)
+
+
+class InterfaceConv(nn.Module):
+  """The authors' DepthwiseConvBlock over the interface tokens laid out as a grid.
+
+  layout (rows, cols, time_segments): with no time segments, the first rows*cols tokens as
+  a 2-D grid and a k x k conv (the authors' block; RIN images). With time segments
+  ((first token, steps), ...) in time order, a k x k x k conv over (time, rows, cols): this
+  project's extension for video (VideoRIN), which the authors' square reshape does not
+  define. Tokens outside the layout pass through unchanged.
+  """
+  kernel_size: int
+  layout: tuple
+  dropout: float = 0.0
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x, *, deterministic: bool = True):
+    check_conv_args(self.kernel_size, self.dropout, x.shape[-1])
+    dims = 3 if self.layout[2] else 2
+    params = {name: self.param(name, init, shape) for name, (init, shape) in
+              conv_param_shapes(x.shape[-1], self.kernel_size, dims).items()}
+    drop = Dropout(self.dropout)
+    return interface_conv(x, params, self.layout, dtype=self.dtype,
+                          dropout=lambda h: drop(h, deterministic=deterministic))
+
+
 class RINBlock(_KernelBacked):
   """One RIN block: read, latent MLP, `latent_layers` x (self-attn, MLP), write."""
   latent_layers: int = 2
@@ -275,9 +488,16 @@ class RINBlock(_KernelBacked):
   dropout: float = 0.0      # latent tower only
   drop_path: float = 0.0    # latent tower only
   dtype: Any = None
+  # After the write, the authors' conv block (InterfaceConv) when conv_kernel_size > 0;
+  # conv_layout (rows, cols, time_segments) places the tokens on its grid, None: the whole
+  # interface as a square grid (the authors' reshape).
+  conv_kernel_size: int = 0
+  conv_dropout: float = 0.0
+  conv_layout: tuple | None = None
 
   @nn.compact
   def __call__(self, z, x, *, deterministic: bool = True):
+    check_conv_args(self.conv_kernel_size, self.conv_dropout)
     kb = dict(implementation=self.implementation, interpret=self.interpret,
               block_sizes=self.block_sizes, attention_init=self.attention_init)
     z = ReadBlock(num_heads=self.rw_heads, width=self.rw_width, name="read", **kb)(z, x)
@@ -293,4 +513,8 @@ class RINBlock(_KernelBacked):
       z = z + DropPath(self.drop_path)(y, deterministic=deterministic)
     x = WriteBlock(num_heads=self.rw_heads, width=self.rw_width,
                    mlp_ratio=self.interface_mlp_ratio, name="write", **kb)(x, z)
+    if self.conv_kernel_size:
+      layout = self.conv_layout or square_conv_layout(x.shape[1])
+      x = InterfaceConv(self.conv_kernel_size, layout, self.conv_dropout, self.dtype,
+                        name="conv")(x, deterministic=deterministic)
     return z, x

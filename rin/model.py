@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rin.layers import Dense, LayerNorm, MLP, RINBlock, zeros
+from rin.layers import Dense, LayerNorm, MLP, RINBlock, check_conv_args, zeros
 
 pos_init = nn.initializers.truncated_normal(stddev=0.02)
 
@@ -97,6 +97,10 @@ class RIN(nn.Module):
   dropout: float = 0.0
   drop_path: float = 0.0
   attention_init: str = "keras_mha"    # "xavier": 2-D xavier (rin.layers.attention_kernel_init)
+  # The authors' TapeDenoiser(conv_kernel_size, conv_drop_units): after each block's write a
+  # depthwise conv block over the interface grid (rin.layers.InterfaceConv); 0: none.
+  conv_kernel_size: int = 0
+  conv_dropout: float = 0.0
   implementation: str | None = None
   interpret: bool = False
   block_sizes: Any = None
@@ -133,6 +137,7 @@ class RIN(nn.Module):
       raise ValueError(f"labels must be given with shape [batch]={x_t.shape[:1]} when "
                        f"num_classes={self.num_classes} > 0, got "
                        f"{None if labels is None else labels.shape}")
+    check_conv_args(self.conv_kernel_size, self.conv_dropout, self.interface_dim)
     num_tokens = 1 + (self.num_classes > 0)
     if self.num_latents <= num_tokens:
       raise ValueError(f"num_latents={self.num_latents} must exceed the {num_tokens} "
@@ -170,7 +175,14 @@ class RIN(nn.Module):
     return z + LayerNorm(name="self_cond_ln0", scale_init=zeros, bias_init=zeros,
                          dtype=self.dtype)(prev)
 
+  def _conv_layout(self) -> tuple:
+    """Where the interface conv sees each token: the patch grid (the authors')."""
+    g = self.image_size // self.patch_size
+    return (g, g, ())
+
   def _blocks(self, z, x, train: bool):
+    conv = dict(conv_kernel_size=self.conv_kernel_size, conv_dropout=self.conv_dropout,
+                conv_layout=self._conv_layout() if self.conv_kernel_size else None)
     for i, layers in enumerate(self._layers_per_block()):
       z, x = RINBlock(latent_layers=layers, latent_heads=self.latent_heads,
                       latent_mlp_ratio=self.latent_mlp_ratio, rw_heads=self.rw_heads,
@@ -178,7 +190,7 @@ class RIN(nn.Module):
                       dropout=self.dropout, drop_path=self.drop_path, dtype=self.dtype,
                       implementation=self.implementation, interpret=self.interpret,
                       block_sizes=self.block_sizes, attention_init=self.attention_init,
-                      name=f"block_{i}")(
+                      **conv, name=f"block_{i}")(
                           z, x, deterministic=not train)
     return z, x
 
@@ -322,6 +334,15 @@ class VideoRIN(RIN):
   emits, so pt > 2 also works (identical tables for pt <= 2). The readout applies LN+Dense to
   the noisy tokens only; the authors apply it to the whole tape and then drop the
   conditioning frames, the same numbers (both are token-wise).
+
+  Extension, explicit (the authors' conv block reshapes the tape into a square, undefined
+  for video, and their video model never passes it): with ``conv_kernel_size=k`` the block
+  after each write is a k x k x k depthwise conv over (time, rows, cols) on ONE time axis
+  that holds the conditioning frames' steps first and the noisy frames' steps after them,
+  so the last conditioning step neighbours the first predicted one and each predicted place
+  sees the same and nearby places of the frames before it. (A conv over the noisy steps
+  alone, or over the two parts each on its own, did not help: issue 25's probe.) Init,
+  GroupNorm, SiLU, dropout, 1x1 conv and residual as the authors' block.
   """
   num_frames: int = 16
   cond_frames: int = 5
@@ -391,6 +412,13 @@ class VideoRIN(RIN):
       raise ValueError(f"cond_frames=0 but cond of shape {cond.shape} was given")
     if self.num_latents <= 1:
       raise ValueError(f"num_latents={self.num_latents} must exceed the 1 time token")
+    check_conv_args(self.conv_kernel_size, self.conv_dropout, self.interface_dim)
+
+  def _conv_layout(self) -> tuple:
+    g = self.image_size // self.patch_size
+    n_x, n_c = self._time_steps(self.pred_frames), self._time_steps(self.cond_frames)
+    noisy = (0, n_x)                       # the tape: noisy steps, then conditioning steps
+    return (g, g, ((n_x * g * g, n_c), noisy) if self.cond_frames else (noisy,))
 
   def _fixed_tape_positions(self):
     g = self.image_size // self.patch_size

@@ -1,6 +1,6 @@
 """`flax.nnx` versions of RIN's public layers and models, thin by design.
 
-    ReadBlock  WriteBlock  LatentSelfAttention  RINBlock  RIN  VideoRIN
+    ReadBlock  WriteBlock  LatentSelfAttention  InterfaceConv  RINBlock  RIN  VideoRIN
     linen_params(module) -> dict            the parameters as a linen tree
     load_linen_params(module, params)       a linen tree into an nnx module, checked
     to_linen(module) -> (linen module, params)
@@ -225,14 +225,40 @@ class WriteBlock(_FusedBlock):
     return self._fused(kernels.write_block, x, z, WriteBlockParams)
 
 
+class InterfaceConv(nnx.Module):
+  """rin.layers.InterfaceConv (the authors' DepthwiseConvBlock on the interface grid):
+  InterfaceConv(interface_dim, *, rngs, kernel_size, layout, dropout=0.0, dtype=None).
+  The math is rin.layers.interface_conv, called with this module's parameters."""
+
+  def __init__(self, interface_dim: int, *, rngs: nnx.Rngs, **fields):
+    self.config = c = layers.InterfaceConv(**fields)
+    layers.check_conv_args(c.kernel_size, c.dropout, interface_dim)
+    shapes = layers.conv_param_shapes(interface_dim, c.kernel_size, 3 if c.layout[2] else 2)
+    for name, (init, shape) in shapes.items():
+      setattr(self, name, nnx.Param(init(rngs.params(), shape, jnp.float32)))
+
+  def __call__(self, x, *, deterministic: bool = True, rngs=None):
+    c = self.config
+    params = {name: getattr(self, name)[...] for name in layers.CONV_PARAMS}
+    drop = lambda h: _random_leaf(layers.Dropout(c.dropout), h, deterministic, _as_rngs(rngs))
+    return layers.interface_conv(x, params, c.layout, dropout=drop, dtype=c.dtype)
+
+  @staticmethod
+  def _dims(params):
+    return (params["pointwise_kernel"].shape[0],)
+
+
 class RINBlock(nnx.Module):
-  """rin.layers.RINBlock: read, latent MLP, latent_layers x (self-attention, MLP), write.
+  """rin.layers.RINBlock: read, latent MLP, latent_layers x (self-attention, MLP), write,
+  and the interface conv when conv_kernel_size > 0.
 
   RINBlock(latent_dim, interface_dim, *, rngs, **fields of the linen RINBlock). Called as
   block(z, x, deterministic=True, rngs=None) -> (z, x)."""
 
-  def __init__(self, latent_dim: int, interface_dim: int, *, rngs: nnx.Rngs, **fields):
+  def __init__(self, latent_dim: int, interface_dim: int, *, rngs: nnx.Rngs,
+               num_tokens: int | None = None, **fields):
     self.config = c = layers.RINBlock(**fields)
+    layers.check_conv_args(c.conv_kernel_size, c.conv_dropout)
     d, t = latent_dim, interface_dim
     kb = dict(implementation=c.implementation, interpret=c.interpret,
               block_sizes=c.block_sizes, attention_init=c.attention_init)
@@ -247,6 +273,15 @@ class RINBlock(nnx.Module):
                                            rngs=rngs))
     self.write = WriteBlock(t, d, num_heads=c.rw_heads, width=c.rw_width,
                             mlp_ratio=c.interface_mlp_ratio, rngs=rngs, **kb)
+    if c.conv_kernel_size:
+      # nnx builds parameters before any input: without conv_layout the square layout
+      # (the authors') needs the token count.
+      if c.conv_layout is None and num_tokens is None:
+        raise ValueError("RINBlock(conv_kernel_size>0) in nnx needs conv_layout=(rows, cols, "
+                         "time_segments) or num_tokens= (a square token count)")
+      self.conv = InterfaceConv(t, kernel_size=c.conv_kernel_size,
+                                layout=c.conv_layout or layers.square_conv_layout(num_tokens),
+                                dropout=c.conv_dropout, dtype=c.dtype, rngs=rngs)
 
   def __call__(self, z, x, *, deterministic: bool = True, rngs=None):
     c, rngs = self.config, _as_rngs(rngs)
@@ -258,7 +293,10 @@ class RINBlock(nnx.Module):
       y = getattr(self, f"latent_mlp_{i}")(getattr(self, f"latent_mlp_ln_{i}")(z),
                                            deterministic=deterministic, rngs=rngs)
       z = z + drop_path(y)
-    return z, self.write(x, z)
+    x = self.write(x, z)
+    if c.conv_kernel_size:
+      x = self.conv(x, deterministic=deterministic, rngs=rngs)
+    return z, x
 
   @staticmethod
   def _dims(params):
@@ -314,7 +352,8 @@ class RIN(nnx.Module):
           interface_mlp_ratio=c.interface_mlp_ratio, dropout=c.dropout,
           drop_path=c.drop_path, dtype=dt, implementation=c.implementation,
           interpret=c.interpret, block_sizes=c.block_sizes, attention_init=c.attention_init,
-          rngs=rngs))
+          conv_kernel_size=c.conv_kernel_size, conv_dropout=c.conv_dropout,
+          conv_layout=c._conv_layout() if c.conv_kernel_size else None, rngs=rngs))
     self.readout_ln = _layer_norm(t, rngs, dt)
     self.readout = _dense(t, self._readout_features(), rngs, dt)
 
@@ -439,6 +478,7 @@ class VideoRIN(RIN):
 # ---------------------------------------------------------------------------------------
 
 _NNX_OF = {layers.ReadBlock: ReadBlock, layers.WriteBlock: WriteBlock,
+           layers.InterfaceConv: InterfaceConv,
            layers.LatentSelfAttention: LatentSelfAttention, layers.RINBlock: RINBlock,
            linen_model.RIN: RIN, linen_model.VideoRIN: VideoRIN}
 

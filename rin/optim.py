@@ -12,9 +12,19 @@ import optax
 LR_SCHEDULES = ("cosine@r", "cosine_to_zero")
 
 
-def decay_mask(params):
-  """True for matrices/kernels/embeddings, False for biases and LayerNorm scale/bias."""
-  return jax.tree.map(lambda p: p.ndim > 1, params)
+def decay_mask(params, exclude=()):
+  """True for matrices/kernels/embeddings, False for biases and LayerNorm scale/bias and for
+  parameters whose path ("block_0/conv/pointwise_kernel") contains one of `exclude`.
+
+  `exclude` is the authors' LAMB exclude list (their exclude_from_weight_decay, which their
+  LAMB also takes as exclude_from_layer_adaptation). Why it matters: the trust ratio scales
+  each update by the parameter's own norm, so a kernel that starts at ~0 (the conv block's
+  1x1 conv, VarianceScaling 1e-10) grows only geometrically, by ~lr per step: it stays
+  ~1e-4 for thousands of steps and the block it gates stays off."""
+  exclude = tuple(exclude)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, p: p.ndim > 1 and not any(
+          e in "/".join(str(getattr(k, "key", k)) for k in path) for e in exclude), params)
 
 
 def learning_rate_schedule(optim, total_steps: int) -> optax.Schedule:
@@ -56,10 +66,12 @@ def make_optimizer(optim, total_steps: int) -> optax.GradientTransformation:
   parts = []
   if optim.grad_clip and optim.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(optim.grad_clip))
+  exclude = tuple(optim.get("lamb_exclude", ()))
+  mask = lambda params: decay_mask(params, exclude)
   parts += [
       optax.scale_by_adam(b1=optim.b1, b2=optim.b2, eps=optim.eps),
-      optax.add_decayed_weights(optim.weight_decay, mask=decay_mask),
-      optax.masked(optax.scale_by_trust_ratio(), decay_mask),
+      optax.add_decayed_weights(optim.weight_decay, mask=mask),
+      optax.masked(optax.scale_by_trust_ratio(), mask),
       optax.scale_by_learning_rate(learning_rate_schedule(optim, total_steps)),
   ]
   return optax.chain(*parts)

@@ -18,7 +18,11 @@ def get_config() -> ml_collections.ConfigDict:
       num_classes=10, self_cond_mlp_ratio=4.0, dropout=0.0, drop_path=0.0,
       # Keras-MultiHeadAttention fan counting, as the authors (rin.layers.attention_kernel_init);
       # "xavier" for a plain 2-D xavier. Init only: checkpoints load either way.
-      attention_init="keras_mha")
+      attention_init="keras_mha",
+      # The authors' conv_kernel_size / conv_drop_units (default 0: off): a depthwise conv
+      # block on the interface grid after each write (rin.layers.InterfaceConv; for video a
+      # space-time conv over conditioning-then-noisy steps, rin.model.VideoRIN).
+      conv_kernel_size=0, conv_dropout=0.0)
   # rin.diffusion: schedules, target and loss (authors' base config: pred_type/loss_type eps).
   c.diffusion = dict(
       train_schedule="sigmoid@-3,3,0.9", sample_schedule="cosine", target="eps",
@@ -32,7 +36,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim = dict(
       learning_rate=3e-3, warmup_steps=10_000, decay_fraction=0.8, lr_schedule="cosine@r",
       end_lr_factor=0.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2, grad_clip=0.0,
-      ema_decay=0.9999)
+      ema_decay=0.9999,
+      # Parameter-path substrings excluded from weight decay and LAMB's trust ratio besides
+      # every 1-D parameter (rin.optim.decay_mask), e.g. ("conv/pointwise_kernel",).
+      lamb_exclude=())
   c.train = dict(
       batch_size=256, num_steps=150_000, seed=0, log_every=100,
       checkpoint_every=5_000, sample_every=10_000, num_sample_images=64,

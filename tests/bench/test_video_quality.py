@@ -30,3 +30,22 @@ def test_summary_keeps_each_predictor_and_averages_frames(tmp_path):
 def test_bad_seeds_are_refused():
   with pytest.raises(SystemExit):
     video_quality.main(["--seeds", "a,b"])
+
+
+def test_ablation_rows_join_the_table_and_plot(tmp_path):
+  runs = {0: {"final": _final(0.0), "steps": 10, "wall_seconds": 5.0}}
+  ab_runs = {0: {"final": _final(-5.0), "steps": 10, "wall_seconds": 4.0}}
+  report = {"seeds": [0], "num_samples": 4, "command": "x", "runs": runs,
+            "summary": video_quality.summarise(runs),
+            "ablations": {"model, conv_kernel_size=0": {
+                "seeds": [0], "runs": ab_runs,
+                "summary": video_quality.summarise(ab_runs, video_quality.PREDICTORS[:1])}}}
+  md = video_quality.markdown(report)
+  assert "| model, conv_kernel_size=0 (seeds [0]) | 14.00 | 0.200 |" in md
+  assert "| model, conv_kernel_size=0 | 0 | 10 | 4 |" in md
+  video_quality.plot(report, str(tmp_path / "p.png"))
+
+
+def test_bad_ablations_are_refused():
+  with pytest.raises(SystemExit):
+    video_quality.main(["--seeds", "0", "--ablate", "model.conv_kernel_size"])

@@ -137,7 +137,7 @@ def test_sin_cos_codes_are_the_authors_formula():
 
 
 def test_sin_cos_plus_learned_tape_positions():
-  base = _tiny_model()
+  base = _tiny_model(tape_pos_encoding="learned")
   model = _tiny_model(tape_pos_encoding="sin_cos_plus_learned")
   x, g, c = _inputs(model)
   p_base = model.init(jax.random.PRNGKey(0), x, g, c)
