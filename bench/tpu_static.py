@@ -576,7 +576,8 @@ def _libtpu_env(gen: str, flags: str = ""):
 
 
 # kernels.api op/shape-class prefix -> the op group of its calls.
-CLASS_GROUPS = {"attention": "latent_attn", "read": "read", "write": "write"}
+CLASS_GROUPS = {"attention": "latent_attn", "latent_attn": "latent_attn", "read": "read",
+                "write": "write"}
 
 
 class _recording_op_classes:
