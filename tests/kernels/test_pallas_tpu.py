@@ -298,6 +298,128 @@ def test_block_property_random_shapes(direction, b, m, n, heads, dh, mlp):
 
 
 # ----------------------------------------------------------------------------
+# Fused latent self-attention block.
+# ----------------------------------------------------------------------------
+
+def _latent(heads, residual=False, interpret=True, block_sizes=None):
+  return functools.partial(P.latent_attention_block, num_heads=heads, residual=residual,
+                           interpret=interpret, block_sizes=block_sizes)
+
+
+def check_latent(shape, dtype, *, residual=False, interpret=True, block_sizes=None, seed=0):
+  """shape: (batch, m, d, heads, width)."""
+  oc.check_latent(_latent(shape[3], residual, interpret, block_sizes), shape, dtype,
+                  backend="pallas_tpu", residual=residual, seed=seed)
+
+
+# (batch, m, d, heads, width), residual: latent counts no multiple of 8 (7, 130, 9), head
+# dims 32, 48 and 72, with and without the residual.
+LATENT_ODD = [
+    ((1, 7, 32, 1, 32), False),
+    ((2, 130, 96, 2, 96), True),
+    ((2, 9, 64, 2, 144), False),
+    ((1, 1, 16, 2, 16), True),
+]
+
+
+@pytest.mark.parametrize("shape,residual", LATENT_ODD, ids=str)
+def test_latent_odd_shapes_fp32(shape, residual):
+  check_latent(shape, jnp.float32, residual=residual)
+
+
+@pytest.mark.parametrize("shape,residual", [((2, 16, 64, 2, 64), True),
+                                            ((2, 20, 96, 2, 96), False)], ids=str)
+def test_latent_bf16(shape, residual):
+  check_latent(shape, jnp.bfloat16, residual=residual)
+
+
+@pytest.mark.parametrize("bs", [P.LatentBlockSizes(block_b=2, num_partials=3),
+                                P.LatentBlockSizes(block_b=1, num_partials=2),
+                                P.LatentBlockSizes(block_b=5, num_partials=1)], ids=str)
+def test_latent_batch_blocks_and_partials_fp32(bs):
+  # 5 batch elements: blocks of 2 (the last padded) over 3 partials (the last with only
+  # padding), one element a step over 2 partials (padded to 6), all in one step.
+  check_latent((5, 9, 40, 2, 48), jnp.float32, residual=True, block_sizes=bs)
+
+
+def test_latent_cifar10_published_fp32():
+  s = oc.CIFAR10     # M = 128 latents of width 512, 16 heads of 32
+  check_latent((1, s.m, s.d, s.latent_heads, s.d), jnp.float32)
+
+
+def test_latent_block_rules(monkeypatch):
+  R = P.LatentBlockSizes
+  monkeypatch.setenv("RIN_TPU_GENERATION", "v5e")
+  # 512 rows a step: 4 latent blocks of 128 at batch 32; one TensorCore: one partial.
+  assert R().resolve(32, 128) == R(4, 1)
+  assert R().resolve(2, 128) == R(1, 1)              # 2 forward steps when the batch allows
+  assert R().resolve(1, 8) == R(1, 1)
+  assert R().resolve(6, 128) == R(3, 1)              # divisors of the batch first
+  assert R().resolve(32, 128, fits=lambda bb: bb <= 2) == R(2, 1)
+  assert R(block_b=64).resolve(32, 128).block_b == 32
+  monkeypatch.setenv("RIN_TPU_GENERATION", "v5p")    # megacore: two partials
+  assert R().resolve(32, 128).num_partials == 2
+  monkeypatch.delenv("RIN_TPU_GENERATION")
+  assert R().resolve(32, 128).num_partials == 2
+  for bad in (0, -1, 1.5, True):
+    with pytest.raises(ValueError, match=r"block_b=.* must be a positive int"):
+      R(block_b=bad).resolve(4, 8)
+    with pytest.raises(ValueError, match=r"num_partials=.* must be a positive int"):
+      R(num_partials=bad).resolve(4, 8)
+  (z, p), _ = oc.latent_inputs(0, 1, 8, 16, 16, jnp.float32)
+  with pytest.raises(ValueError, match=r"LatentBlockSizes"):
+    P.latent_attention_block(z, p, num_heads=1, interpret=True, block_sizes=P.ReadBlockSizes())
+  big = jax.ShapeDtypeStruct((64, 2048, 1024), jnp.float32)
+  with pytest.raises(ValueError, match=r"pallas_tpu.latent_attention_block.*VMEM"):
+    jax.eval_shape(lambda z, p: P.latent_attention_block(
+        z, p, num_heads=8, block_sizes=R(block_b=8)), big,
+        oc.latent_params(jax.random.PRNGKey(0), 1024, 1024, jnp.float32))
+
+
+def _latent_kernels(batch, bs, residual=False):
+  """{kernel name: (grid, dimension_semantics)} of the latent block's value and gradient,
+  and the number of Pallas calls in each."""
+  from bench.tpu_static import find_kernels
+  (z, p), _ = oc.latent_inputs(0, batch, 128, 64, 64, jnp.bfloat16)
+  fn = _latent(2, residual, interpret=False, block_sizes=bs)
+  out = {}
+  counts = []
+  for f in (fn, jax.grad(lambda z, p: jnp.sum(fn(z, p).astype(jnp.float32)), argnums=(0, 1))):
+    ks = find_kernels(jax.make_jaxpr(f)(z, p))
+    counts.append(len(ks))
+    for e in ks:
+      cp = e.params["compiler_params"]
+      cp = cp.get("mosaic_tpu", cp) if isinstance(cp, dict) else cp
+      out[e.params["name"]] = (tuple(e.params["grid_mapping"].grid),
+                               tuple(cp.dimension_semantics))
+  return out, counts
+
+
+def test_latent_kernels_grids():
+  # One kernel forward, one backward (no XLA attention core, no delta pass); the backward
+  # is sequential but for its leading per-core partial axis.
+  got, counts = _latent_kernels(8, P.LatentBlockSizes(block_b=2, num_partials=2))
+  assert got == {"rin_latent_attn_fwd": ((4,), ("parallel",)),
+                 "rin_latent_attn_bwd": ((2, 2), ("parallel", "arbitrary"))}
+  assert counts[1] == 2        # the gradient's jaxpr: forward (dead in XLA) + backward
+  got, _ = _latent_kernels(3, P.LatentBlockSizes(block_b=2, num_partials=4))
+  assert got["rin_latent_attn_bwd"][0] == (2, 1)     # never more partials than blocks
+
+
+def test_latent_public_op_and_layer_use_the_kernel():
+  (z, p), _ = oc.latent_inputs(0, 2, 9, 32, 32, jnp.float32)
+  got = kernels.latent_attention_block(z, p, num_heads=2, implementation="pallas_tpu",
+                                       interpret=True, residual=True,
+                                       block_sizes=P.BlockSizes(latent=P.LatentBlockSizes(1)))
+  want = kernels.latent_attention_block(z, p, num_heads=2, implementation="xla", residual=True)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+  from bench.tpu_static import find_kernels
+  f = lambda z: kernels.latent_attention_block(z, p, num_heads=2, implementation="pallas_tpu")
+  assert [e.params["name"] for e in find_kernels(jax.make_jaxpr(f)(z))] == [
+      "rin_latent_attn_fwd"]
+
+
+# ----------------------------------------------------------------------------
 # TPU-faithful interpreter (DMA / semaphore model) with race detection.
 # ----------------------------------------------------------------------------
 
@@ -313,6 +435,9 @@ def test_tpu_interpreter_with_race_detection():
   assert not _races_found()
   check_block("write", (1, 8, 16, 20, 16, 2, 16, 32), jnp.float32, interpret=ip,
               block_sizes=P.WriteBlockSizes(block_n=8))
+  assert not _races_found()
+  check_latent((3, 9, 16, 2, 16), jnp.float32, interpret=ip, residual=True,
+               block_sizes=P.LatentBlockSizes(block_b=1, num_partials=2))
   assert not _races_found()
 
 
