@@ -29,7 +29,10 @@ setup(
     ],
     extras_require={
         # torch only feeds Triton's CPU interpreter in the tests (jax-triton needs a GPU).
-        "test": ["pytest", "pytest-xdist", "hypothesis", "triton", "jax-triton", "torch", "pytorch-fid"],
+        # libtpu (the XLA:TPU and Mosaic compilers, ~140 MB wheel, ~480 MB installed) lets
+        # the gate compile the Pallas TPU kernels deviceless, not only lower them.
+        "test": ["pytest", "pytest-xdist", "hypothesis", "triton", "jax-triton", "torch", "pytorch-fid",
+                 "libtpu"],
         "gpu": ["jax-triton", "triton"],
         "bench": ["rin-pytorch", "torchvision", "tokamax"],
         # The TPU compiler for deviceless compiles (bench.tpu_static, bench.tpu_aot_check); flatbuffers

@@ -598,6 +598,59 @@ def _libtpu_site():
   return site if site and os.path.isdir(os.path.join(site, "libtpu")) else None
 
 
+def _libtpu_env():
+  import os
+  env = dict(os.environ)
+  if _libtpu_site():
+    env["PYTHONPATH"] = os.pathsep.join([_libtpu_site(), os.getcwd(), env.get("PYTHONPATH", "")])
+  return env
+
+
+# A deviceless compile (the real XLA:TPU and Mosaic compilers, no TPU) of the fused latent
+# block and the write block at tiny shapes, forward and gradient, in a fresh process (libtpu
+# reads its flags once); prints each program's Pallas kernel names.
+_TINY_COMPILE = """
+import functools, jax, jax.numpy as jnp
+from jax.experimental import topologies
+from jax.sharding import SingleDeviceSharding
+import kernels.pallas_tpu as P
+from tests.kernels import op_cases as oc
+sh = SingleDeviceSharding(topologies.get_topology_desc(platform="tpu",
+                                                        topology_name="v5e:1x1").devices[0])
+place = lambda t: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), t)
+def compile_(name, fn, args):
+  for f in (fn, jax.grad(lambda *a: jnp.sum(fn(*a).astype(jnp.float32)),
+                         argnums=tuple(range(len(args))))):
+    text = jax.jit(f).lower(*place(args)).compile().as_text()
+    print(name, sorted(set(k for k in ("rin_latent_attn_fwd", "rin_latent_attn_bwd",
+                                       "rin_write_block_fwd", "rin_write_block_attn_bwd",
+                                       "rin_write_block_mlp_bwd") if k in text)))
+(z, p), _ = oc.latent_inputs(0, 2, 20, 128, 128, jnp.bfloat16)
+compile_("latent", functools.partial(P.latent_attention_block, num_heads=4, residual=True),
+         (z, p))
+args, _ = oc.block_inputs(0, "write", 2, 16, 64, 40, 64, 64, 128, jnp.bfloat16)
+compile_("write", functools.partial(P.write_block, num_heads=2), args)
+"""
+
+
+@pytest.mark.skipif(_libtpu_site() is None,
+                    reason="needs libtpu (pip install libtpu, or RIN_LIBTPU_SITE=<--target dir>)"
+                    "; export lowering above still checks every kernel")
+def test_latent_and_write_block_compile_for_tpu_v5e_with_libtpu():
+  import subprocess
+  import sys
+  from bench.tpu_static import _libtpu_env as bench_env
+  env = bench_env("v5e") | {k: v for k, v in _libtpu_env().items() if k == "PYTHONPATH"}
+  r = subprocess.run([sys.executable, "-c", _TINY_COMPILE], env=env, capture_output=True,
+                     text=True, timeout=600)
+  assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+  assert r.stdout.split("\n")[:4] == [
+      "latent ['rin_latent_attn_fwd']", "latent ['rin_latent_attn_bwd']",
+      "write ['rin_write_block_fwd']",
+      "write ['rin_write_block_attn_bwd', 'rin_write_block_fwd', 'rin_write_block_mlp_bwd']"], (
+      r.stdout)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(_libtpu_site() is None,
                     reason="needs libtpu (pip install libtpu, or RIN_LIBTPU_SITE=<--target dir>)"
@@ -606,9 +659,7 @@ def test_every_kernel_compiles_for_tpu_v5e_with_libtpu():
   import os
   import subprocess
   import sys
-  env = dict(os.environ)
-  if _libtpu_site():
-    env["PYTHONPATH"] = os.pathsep.join([_libtpu_site(), os.getcwd(), env.get("PYTHONPATH", "")])
+  env = _libtpu_env()
   r = subprocess.run([sys.executable, "-m", "bench.tpu_aot_check", "--topology",
                       "v5e:1x1", "--batch", "8"], env=env, capture_output=True, text=True,
                      timeout=1500)
