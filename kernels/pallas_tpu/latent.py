@@ -5,30 +5,39 @@
 z is the model's latent residual stream [B, M, D]; A = heads * head_dim. All M latents
 of a batch element fit in VMEM (M = 128, D = 512/768 in the published configs), so one
 grid step takes `block_b` whole batch elements and holds their whole sequence: the
-softmax is a plain one over all keys (no online softmax, nothing streamed), and q, k, v
-never leave VMEM.
+softmax is a plain one over all keys (no online softmax, nothing streamed).
 
 Every projection is one lane-dense [rows, D] x [D, A] (or [rows, A] x [A, D]) matmul over
 all heads and the `block_b * M` rows of the step, with wq, wk, wv and wo whole in VMEM in
 the parameters' own layouts, and so are the weight-gradient products of the backward.
-Only QK^T, P.V and their backward products are per head: batched over the step's
-batch elements on static lane slices of the [block_b, M, A] q/k/v scratch. Their MXU use
-is capped at head_dim / 128 (the contraction of QK^T and dP = dO V^T, the output width
-of P.V, dQ and dK): 25% at head_dim 32, 37.5% at 48; packing heads block-diagonally in
-one tile does not lift it (the zeros take the same MXU passes).
+Only QK^T, P.V and their backward products are per head, batched over the step's
+batch elements (see Heads below). Their MXU use is capped at head_dim / 128 (the
+contraction of QK^T and dP = dO V^T, the output width of P.V, dQ and dK): 25% at
+head_dim 32, 37.5% at 48; packing heads block-diagonally in one tile does not lift it
+(the zeros take the same MXU passes).
 
-Forward: one kernel, grid (batch block,), "parallel"; it saves nothing (the backward
-recomputes LN, q/k/v and the probabilities from z).
+Forward: one kernel, grid (batch block,), "parallel". Under autodiff it also writes what
+the backward reads instead of recomputing: q, k, v and the attention output o ([B, M, A]
+each) and the probabilities P ([B, H, M, M]), all in the compute dtype (P is rounded to
+it anyway as the P.V operand). Their HBM traffic overlaps with MXU work; recomputing them
+added the three projections and the whole softmax to the backward (the static LLO
+profile of the CIFAR-10 layer's backward: 240 us recomputing all, 205 saving q/k/v/o,
+151 saving P as well, v5e, batch 32; ESTIMATES).
 
-Backward: one kernel. Per batch block it recomputes h, q, k, v and P head by head, takes
-dO = dout Wo^T, and forms delta = rowsum(dP * P) (= rowsum(dO * O) of the head) in VMEM,
-then dV, dS, dQ, dK per head, and the weight gradients dWq|dWk|dWv = h^T dQ|dK|dV,
+Backward: one kernel. Per batch block it recomputes LN(z) (vector work only), takes
+dO = dout Wo^T, and per head dP = dO V^T, delta = rowsum(dP * P) (= rowsum(dO * O) of
+the head) in VMEM, dS, dV, dQ, dK; then the weight gradients dWq|dWk|dWv = h^T dQ|dK|dV,
 dWo = O^T dout, the biases' column sums, the LN backward and dz. The weight gradients
 accumulate across the grid in VMEM-resident output blocks, so the grid is sequential
 except for a leading "parallel" axis of `num_partials` per-core partial accumulators
 (the TensorCores of a megacore chip, v4/v5p), summed by XLA over that small leading axis
 after the call; with one partial (the default on single-core v5e/v6e) that sum is a
 reshape.
+
+Heads: each head's matmuls run on the lane-aligned window of the [.., A] arrays that
+covers it (four heads of 32 share a 128-lane window), with the other heads' lanes zeroed
+in one operand, instead of slicing the head's 32 lanes out (lane shifts and masked
+stores); the sums over a window's heads are exact (disjoint lanes).
 
 Any length: M is zero-padded to a multiple of 8 (sublanes) and padded keys masked; a
 zero latent row has finite LN statistics and a zero cotangent, so padded rows and a
@@ -99,7 +108,7 @@ class _Static:
   interpret: object
 
 
-def vmem_estimate(bb, m_pad, d, h, dh, dtype, num_partials=1) -> int:
+def vmem_estimate(bb, m_pad, d, h, dh, dtype) -> int:
   """Largest VMEM need of the two kernels (blocks double-buffered, scratch, temporaries)."""
   v = c.vmem_bytes
   a = h * dh
@@ -108,10 +117,12 @@ def vmem_estimate(bb, m_pad, d, h, dh, dtype, num_partials=1) -> int:
   rows, rows32 = v((bb, m_pad, a), dtype), v((r, a), f32)
   w = 3 * v((d, a), dtype) + v((a, d), dtype) + 3 * v((1, d), f32) + 3 * v((1, a), f32)
   scores = v((bb, m_pad, m_pad), f32)
-  fwd = 2 * (2 * zt + w) + 3 * rows + rows32 + 4 * zt32 + 3 * rows32 + 4 * scores
+  probs = v((bb, h, m_pad, m_pad), dtype)
+  fwd = (2 * (2 * zt + 4 * rows + probs + w) + 3 * rows + rows32 + 4 * zt32 + 3 * rows32
+         + 4 * scores)
   grads = 3 * v((d, a), f32) + v((a, d), f32) + 3 * v((1, d), f32) + 3 * v((1, a), f32)
-  bwd = (2 * (3 * zt + w + grads) + 4 * rows + 4 * rows32 + 5 * zt32 + 4 * rows32
-         + 6 * scores)
+  bwd = (2 * (3 * zt + 4 * rows + probs + w + grads) + rows + 3 * rows32 + 5 * zt32
+         + 4 * rows32 + 6 * scores)
   return max(fwd, bwd)
 
 
@@ -120,8 +131,42 @@ def vmem_estimate(bb, m_pad, d, h, dh, dtype, num_partials=1) -> int:
 # Parameter refs: g, b [1, D]; wq, wk, wv [D, A]; bq, bk, bv [1, A]; wo [A, D]; bo [1, D].
 # ----------------------------------------------------------------------------
 
-def _heads(num_heads, dh):
-  return [slice(i * dh, (i + 1) * dh) for i in range(num_heads)]
+def _head_groups(num_heads, dh, a):
+  """Heads grouped by the lane-aligned window that covers them: [((w0, w1), [(lo, hi),
+  ...])], w0 a multiple of 128 and w1 one too (or A). With head_dim 32, four heads share
+  each 128-lane window; a head that straddles a 128-lane boundary (head_dim 48, 72) gets
+  a window of its own."""
+  groups = []
+  for i in range(num_heads):
+    lo, hi = i * dh, (i + 1) * dh
+    win = (lo // 128 * 128, min(c.round_up(hi, 128), a))
+    if groups and groups[-1][0] == win:
+      groups[-1][1].append((lo, hi))
+    else:
+      groups.append((win, [(lo, hi)]))
+  return groups
+
+
+def _windows_overlap(groups):
+  wins = [w for w, _ in groups]
+  return any(a[1] > b[0] for a, b in zip(wins, wins[1:]))
+
+
+def _only_head(x, w0, lo, hi):
+  """x [.., w] (lanes w0.. of a [.., A] array) with every lane outside head [lo, hi)
+  zeroed: a head's matmuls run on whole aligned windows (no lane shifts), the zeros
+  dropping the other heads' terms (a contraction of 32 takes the MXU pass that 128 does)."""
+  if lo == w0 and hi == w0 + x.shape[-1]:
+    return x
+  lane = w0 + jax.lax.broadcasted_iota(jnp.int32, (1, 1, x.shape[-1]), 2)
+  return jnp.where((lane >= lo) & (lane < hi), x, jnp.zeros((), x.dtype))
+
+
+def _store(ref, win, x, accumulate):
+  if accumulate:
+    ref[:, :, win] += x.astype(ref.dtype)
+  else:
+    ref[:, :, win] = x.astype(ref.dtype)
 
 
 def _rows(x):
@@ -158,28 +203,47 @@ def _project_qkv(z_ref, g_ref, b_ref, wq_ref, bq_ref, wk_ref, bk_ref, wv_ref, bv
 
 
 def _fwd_kernel(z_ref, g_ref, b_ref, wq_ref, bq_ref, wk_ref, bk_ref, wv_ref, bv_ref,
-                wo_ref, bo_ref, out_ref, q_sc, k_sc, v_sc, o_sc, *,
-                num_heads, dh, scale, m, residual):
+                wo_ref, bo_ref, out_ref, *rest, num_heads, dh, scale, m, residual):
+  """rest: (q, k, v, o outputs when saving them for the backward,) then the q, k, v
+  (compute dtype) and o (fp32) scratch."""
+  saved, (q_sc, k_sc, v_sc, o_sc) = rest[:-4], rest[-4:]
+  if saved:
+    q_sc, k_sc, v_sc = saved[:3]           # q, k, v go straight to their output blocks
+  p_ref = saved[4] if saved else None
   cd = z_ref.dtype
   bb = z_ref.shape[0]
   _, _, _, z = _project_qkv(z_ref, g_ref, b_ref, wq_ref, bq_ref, wk_ref, bk_ref, wv_ref,
                             bv_ref, q_sc, k_sc, v_sc, cd)
-  for hs in _heads(num_heads, dh):
-    p = _probs(q_sc[:, :, hs], k_sc[:, :, hs], scale=scale, m=m, cd=cd)
-    o_sc[:, :, hs] = c.bmm(p, v_sc[:, :, hs], cd)                    # [bb, Mp, dh]
-  y = c.mm(_rows(o_sc[...]), wo_ref[...], cd) + bo_ref[...]          # [R, D]
+  groups = _head_groups(num_heads, dh, o_sc.shape[2])
+  acc = _windows_overlap(groups)
+  if acc:
+    o_sc[...] = jnp.zeros(o_sc.shape, f32)
+  for (w0, w1), heads in groups:
+    win = slice(w0, w1)
+    q, k, v = q_sc[:, :, win], k_sc[:, :, win], v_sc[:, :, win]
+    o = None
+    for lo, hi in heads:
+      p = _probs(q, _only_head(k, w0, lo, hi), scale=scale, m=m, cd=cd).astype(cd)
+      if p_ref is not None:
+        p_ref[:, lo // dh] = p.astype(p_ref.dtype)
+      t = c.bmm(p, _only_head(v, w0, lo, hi), cd)                    # head's lanes only
+      o = t if o is None else o + t
+    _store(o_sc, win, o, acc)
+  o = o_sc[...]
+  if saved:
+    saved[3][...] = o.astype(saved[3].dtype)
+  y = c.mm(_rows(o), wo_ref[...], cd) + bo_ref[...]                  # [R, D]
   if residual:
     y = y + z
   out_ref[...] = _unrows(y, bb).astype(out_ref.dtype)
 
 
-def _bwd_kernel(z_ref, dout_ref, g_ref, b_ref, wq_ref, bq_ref, wk_ref, bk_ref, wv_ref,
-                bv_ref, wo_ref,
+def _bwd_kernel(z_ref, dout_ref, q_ref, k_ref, v_ref, o_ref, p_ref, g_ref, b_ref, wq_ref, wk_ref,
+                wv_ref, wo_ref,
                 dz_ref, dg_ref, db_ref, dwq_ref, dbq_ref, dwk_ref, dbk_ref, dwv_ref, dbv_ref,
                 dwo_ref, dbo_ref,
-                q_sc, k_sc, v_sc, do_sc, o_sc, dq_sc, dk_sc, dv_sc, *,
-                num_heads, dh, scale, m, residual):
-  """Grid (partial, batch block in partial)."""
+                do_sc, dq_sc, dk_sc, dv_sc, *, num_heads, dh, scale, m, residual):
+  """Grid (partial, batch block in partial); q, k, v, o saved by the forward."""
   cd = z_ref.dtype
   bb = z_ref.shape[0]
   grads = (dg_ref, db_ref, dwq_ref, dbq_ref, dwk_ref, dbk_ref, dwv_ref, dbv_ref, dwo_ref,
@@ -190,21 +254,33 @@ def _bwd_kernel(z_ref, dout_ref, g_ref, b_ref, wq_ref, bq_ref, wk_ref, bk_ref, w
     for r in grads:
       r[...] = jnp.zeros(r.shape, r.dtype)
 
-  h, xhat, rstd, _ = _project_qkv(z_ref, g_ref, b_ref, wq_ref, bq_ref, wk_ref, bk_ref,
-                                  wv_ref, bv_ref, q_sc, k_sc, v_sc, cd)
+  z = _rows(z_ref[...].astype(f32))
+  h, xhat, rstd = c.layer_norm_fwd(z, g_ref[...], b_ref[...])
   dout = _rows(dout_ref[...].astype(f32))                             # [R, D]
   do_sc[...] = _unrows(c.mm_nt(dout, wo_ref[...], cd), bb).astype(do_sc.dtype)  # dO [R, A]
-  for hs in _heads(num_heads, dh):
-    qh, kh, vh, doh = q_sc[:, :, hs], k_sc[:, :, hs], v_sc[:, :, hs], do_sc[:, :, hs]
-    p = _probs(qh, kh, scale=scale, m=m, cd=cd)                       # [bb, Mp, Mp]
-    o_sc[:, :, hs] = c.bmm(p, vh, cd)                                 # O (for dWo)
-    dv_sc[:, :, hs] = c.bmm_tn(p, doh, cd)                            # P^T dO
-    dp = c.bmm_nt(doh, vh, cd)                                        # dO V^T
-    # delta = rowsum(dO * O) of this head, as rowsum(dP * P) (the same sum, in VMEM).
-    ds = p * (dp - jnp.sum(dp * p, axis=-1, keepdims=True))
-    dq_sc[:, :, hs] = c.bmm(ds, kh, cd) * scale
-    dk_sc[:, :, hs] = c.bmm_tn(ds, qh, cd) * scale
-  dwo_ref[...] += c.mm_tn(_rows(o_sc[...]), dout, cd)                 # [A, D]
+  groups = _head_groups(num_heads, dh, dq_sc.shape[2])
+  acc = _windows_overlap(groups)
+  if acc:
+    for r in (dq_sc, dk_sc, dv_sc):
+      r[...] = jnp.zeros(r.shape, f32)
+  for (w0, w1), heads in groups:
+    win = slice(w0, w1)
+    q, k, v, do = q_ref[:, :, win], k_ref[:, :, win], v_ref[:, :, win], do_sc[:, :, win]
+    dq = dk = dv = None
+    for lo, hi in heads:
+      kh, vh = _only_head(k, w0, lo, hi), _only_head(v, w0, lo, hi)
+      p = p_ref[:, lo // dh].astype(f32)                              # [bb, Mp, Mp]
+      t_dv = c.bmm_tn(p, _only_head(do, w0, lo, hi), cd)              # P^T dO
+      dp = c.bmm_nt(do, vh, cd)                                       # dO V^T
+      # delta = rowsum(dO * O) of this head, as rowsum(dP * P) (the same sum, in VMEM).
+      ds = p * (dp - jnp.sum(dp * p, axis=-1, keepdims=True))
+      t_dq = c.bmm(ds, kh, cd) * scale
+      t_dk = c.bmm_tn(ds, _only_head(q, w0, lo, hi), cd) * scale
+      dq, dk, dv = ((t_dq, t_dk, t_dv) if dq is None else
+                    (dq + t_dq, dk + t_dk, dv + t_dv))
+    for r, x in ((dq_sc, dq), (dk_sc, dk), (dv_sc, dv)):
+      _store(r, win, x, acc)
+  dwo_ref[...] += c.mm_tn(_rows(o_ref[...]), dout, cd)                # [A, D]
   dbo_ref[...] += jnp.sum(dout, axis=0, keepdims=True)
   dh_ = None
   for sc, w_ref, dw_ref, dbias_ref in ((dq_sc, wq_ref, dwq_ref, dbq_ref),
@@ -241,66 +317,79 @@ def _scratch(bb, m_pad, a, cd, n_cd, n_f32):
           + [pltpu.VMEM((bb, m_pad, a), f32) for _ in range(n_f32)])
 
 
-def _fwd_call(z, params, st: _Static):
+def _fwd_call(z, params, st: _Static, save: bool):
+  """out [Bp, Mp, D]; with `save` also q, k, v (compute dtype) and o for the backward."""
   bsz, m_pad, d = z.shape
   bb = st.bs.block_b
   a = st.num_heads * st.head_dim
   zspec = pl.BlockSpec((bb, m_pad, d), lambda i: (i, 0, 0))
-  return pl.pallas_call(
+  h = st.num_heads
+  rspec = pl.BlockSpec((bb, m_pad, a), lambda i: (i, 0, 0))
+  pspec = pl.BlockSpec((bb, h, m_pad, m_pad), lambda i: (i, 0, 0, 0))
+  rows = jax.ShapeDtypeStruct((bsz, m_pad, a), z.dtype)
+  probs = jax.ShapeDtypeStruct((bsz, h, m_pad, m_pad), z.dtype)
+  outs = pl.pallas_call(
       functools.partial(_fwd_kernel, **_kw(st)), grid=(bsz // bb,),
       in_specs=[zspec] + [_full(p.shape) for p in params],
-      out_specs=zspec, out_shape=jax.ShapeDtypeStruct(z.shape, z.dtype),
+      out_specs=[zspec] + ([rspec] * 4 + [pspec]) * save,
+      out_shape=[jax.ShapeDtypeStruct(z.shape, z.dtype)] + ([rows] * 4 + [probs]) * save,
       scratch_shapes=_scratch(bb, m_pad, a, z.dtype, 3, 1),
       compiler_params=c.compiler_params("parallel"),
       interpret=st.interpret, name="rin_latent_attn_fwd",
   )(z, *params)
+  return outs if save else outs[0]
 
 
-def _bwd_call(z, dout, params, st: _Static):
-  """z, dout [Bp, Mp, D] with Bp = parts * per * block_b."""
+def _bwd_call(z, dout, saved, params, st: _Static):
+  """z, dout, saved q/k/v/o with the batch padded to parts * per * block_b."""
   bsz, m_pad, d = z.shape
   bb, parts = st.bs.block_b, st.bs.num_partials
   per = bsz // (bb * parts)
   a = st.num_heads * st.head_dim
   zspec = pl.BlockSpec((bb, m_pad, d), lambda p, i: (p * per + i, 0, 0))
-  ins = params[:-1]                                   # bo is not needed
+  rspec = pl.BlockSpec((bb, m_pad, a), lambda p, i: (p * per + i, 0, 0))
+  pspec = pl.BlockSpec((bb, st.num_heads, m_pad, m_pad), lambda p, i: (p * per + i, 0, 0, 0))
+  g, b, wq, _, wk, _, wv, _, wo, _ = params        # the biases are in q, k, v already
+  ins = (g, b, wq, wk, wv, wo)
   grad_shapes = [p.shape for p in params]
   dz, *grads = pl.pallas_call(
       functools.partial(_bwd_kernel, **_kw(st)), grid=(parts, per),
-      in_specs=[zspec, zspec] + [_full(p.shape) for p in ins],
+      in_specs=[zspec, zspec] + [rspec] * 4 + [pspec] + [_full(p.shape) for p in ins],
       out_specs=[zspec] + [c.partial_spec(s) for s in grad_shapes],
       out_shape=[jax.ShapeDtypeStruct(z.shape, z.dtype)]
       + [jax.ShapeDtypeStruct((parts,) + s, f32) for s in grad_shapes],
-      scratch_shapes=_scratch(bb, m_pad, a, z.dtype, 4, 4),
+      scratch_shapes=_scratch(bb, m_pad, a, z.dtype, 1, 3),
       compiler_params=c.compiler_params("parallel", "arbitrary"),
       interpret=st.interpret, name="rin_latent_attn_bwd",
-  )(z, dout, *ins)
+  )(z, dout, *saved, *ins)
   # Per-partial sums over the small leading axis (a reshape when there is one partial).
-  return dz, [g[0] if parts == 1 else jnp.sum(g, axis=0) for g in grads]
+  return dz, [g_[0] if parts == 1 else jnp.sum(g_, axis=0) for g_ in grads]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _latent_core(z, params, st: _Static):
-  return _fwd_call(z, params, st)
+  return _fwd_call(z, params, st, save=False)
 
 
 def _latent_core_fwd(z, params, st: _Static):
-  return _fwd_call(z, params, st), (z, params)
+  out, *saved = _fwd_call(z, params, st, save=True)
+  return out, (z, tuple(saved), params)
 
 
 def _latent_core_bwd(st: _Static, res, dout):
-  z, params = res
+  z, saved, params = res
   bsz = z.shape[0]
   bb, parts = st.bs.block_b, st.bs.num_partials
   nblocks = -(-bsz // bb)
   parts = min(parts, nblocks)
   per = -(-nblocks // parts)
   st = dataclasses.replace(st, bs=LatentBlockSizes(bb, parts))
-  # A batch the partials and blocks do not divide is zero-padded: a zero z and a zero
-  # cotangent add exact zeros to every weight gradient.
+  # A batch the partials and blocks do not divide is zero-padded: a zero cotangent (and
+  # so zero dO, dS, dQ, dK, dV) adds exact zeros to every weight gradient.
   pad = lambda x: c.pad_axis(x, 0, parts * per * bb)
-  dz, grads = _bwd_call(pad(z), pad(dout.astype(z.dtype)), params, st)
-  return dz[:bsz], tuple(g.astype(p.dtype) for g, p in zip(grads, params))
+  dz, grads = _bwd_call(pad(z), pad(dout.astype(z.dtype)), tuple(pad(x) for x in saved),
+                        params, st)
+  return dz[:bsz], tuple(g_.astype(p.dtype) for g_, p in zip(grads, params))
 
 
 _latent_core.defvjp(_latent_core_fwd, _latent_core_bwd)
@@ -316,7 +405,7 @@ def latent_attention_block(z, p, *, num_heads, residual=False, interpret=False,
   cd = z.dtype
   m_pad = c.round_up(m, 8)
   budget = c.vmem_limit_bytes()
-  est = lambda bb, parts=1: vmem_estimate(bb, m_pad, d, num_heads, dh, cd, parts)
+  est = lambda bb: vmem_estimate(bb, m_pad, d, num_heads, dh, cd)
   bs = block_sizes.resolve(bsz, m_pad, fits=lambda bb: est(bb) <= budget)
   c.check_vmem("pallas_tpu.latent_attention_block", est(bs.block_b), bs)
   st = _Static(num_heads, dh, float(dh ** -0.5), m, bool(residual), bs, interpret)
