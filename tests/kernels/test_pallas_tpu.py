@@ -350,8 +350,8 @@ def test_latent_cifar10_published_fp32():
 def test_latent_block_rules(monkeypatch):
   R = P.LatentBlockSizes
   monkeypatch.setenv("RIN_TPU_GENERATION", "v5e")
-  # 512 rows a step: 4 latent blocks of 128 at batch 32; one TensorCore: one partial.
-  assert R().resolve(32, 128) == R(4, 1)
+  # 1024 rows a step: 8 latent blocks of 128 at batch 32; one TensorCore: one partial.
+  assert R().resolve(32, 128) == R(8, 1)
   assert R().resolve(2, 128) == R(1, 1)              # 2 forward steps when the batch allows
   assert R().resolve(1, 8) == R(1, 1)
   assert R().resolve(6, 128) == R(3, 1)              # divisors of the batch first
