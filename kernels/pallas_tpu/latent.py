@@ -119,10 +119,12 @@ def vmem_estimate(bb, m_pad, d, h, dh, dtype) -> int:
   w = 3 * v((d, a), dtype) + v((a, d), dtype) + 3 * v((1, d), f32) + 3 * v((1, a), f32)
   scores = v((bb, m_pad, m_pad), f32)
   probs = v((bb, h, m_pad, m_pad), dtype)
-  fwd = (2 * (2 * zt + 4 * rows + probs + w) + 3 * rows + rows32 + 4 * zt32 + 3 * rows32
+  # The weights (whole-array blocks) and the weight-gradient accumulators are single-
+  # buffered (_single); the batch blocks double-buffered.
+  fwd = (2 * (2 * zt + 4 * rows + probs) + w + 3 * rows + rows32 + 4 * zt32 + 3 * rows32
          + 4 * scores)
   grads = 3 * v((d, a), f32) + v((a, d), f32) + 3 * v((1, d), f32) + 3 * v((1, a), f32)
-  bwd = (2 * (3 * zt + 4 * rows + probs + w + grads) + rows + 3 * rows32 + 5 * zt32
+  bwd = (2 * (3 * zt + 4 * rows + probs) + w + grads + rows + 3 * rows32 + 5 * zt32
          + 4 * rows32 + 6 * scores)
   return max(fwd, bwd)
 
@@ -305,7 +307,17 @@ def _bwd_kernel(z_ref, dout_ref, q_ref, k_ref, v_ref, o_ref, p_ref, g_ref, b_ref
 # ----------------------------------------------------------------------------
 
 def _full(shape):
+  """A whole array every step: Pallas single-buffers such a block (its window is trivial)."""
   return pl.BlockSpec(tuple(shape), lambda *_: (0,) * len(shape))
+
+
+def _partial_accumulator(shape):
+  """One per-core partial accumulator [parts, *shape] (see common.partial_spec), single-
+  buffered: it is written back only when the partial changes, and two fp32 copies of
+  the four weight gradients (9 MiB at D = A = 768) do not fit v5p's budget in fp32."""
+  shape = tuple(shape)
+  return pl.BlockSpec((pl.Squeezed(),) + shape, lambda p, *_: (p,) + (0,) * len(shape),
+                      pipeline_mode=pl.Buffered(1))
 
 
 def _kw(st: _Static):
@@ -356,7 +368,7 @@ def _bwd_call(z, dout, saved, params, st: _Static):
   dz, *grads = pl.pallas_call(
       functools.partial(_bwd_kernel, **_kw(st)), grid=(parts, per),
       in_specs=[zspec, zspec] + [rspec] * 4 + [pspec] + [_full(p.shape) for p in ins],
-      out_specs=[zspec] + [c.partial_spec(s) for s in grad_shapes],
+      out_specs=[zspec] + [_partial_accumulator(s) for s in grad_shapes],
       out_shape=[jax.ShapeDtypeStruct(z.shape, z.dtype)]
       + [jax.ShapeDtypeStruct((parts,) + s, f32) for s in grad_shapes],
       scratch_shapes=_scratch(bb, m_pad, a, z.dtype, 1, 3),
