@@ -585,6 +585,17 @@ def test_odd_shapes_lower_for_tpu():
   assert _export_tpu(_op(o.kind, o.heads, interpret=False), *args) == [1, 1]
 
 
+def test_latent_block_lowers_for_tpu_at_published_and_odd_shapes():
+  # The fused latent block: forward 1 kernel, gradient 2 (the saving forward, backward).
+  from bench.tpu_aot_check import ODD_LATENT, _latent_case
+  cases = [(EXPORT_BATCH, s.m, s.d, s.latent_heads, False, dt)
+           for s in oc.PUBLISHED[:2] for dt in (jnp.bfloat16, jnp.float32)]
+  cases += [(1, m, d, heads, residual, jnp.float32) for _, m, d, heads, residual in ODD_LATENT]
+  for case in cases:
+    fn, args = _latent_case(*case, None)
+    assert _export_tpu(fn, *args) == [1, 2], case
+
+
 # ----------------------------------------------------------------------------
 # Stronger than export: the real XLA:TPU + Mosaic compilers, deviceless (libtpu).
 # ----------------------------------------------------------------------------
