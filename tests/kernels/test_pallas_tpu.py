@@ -406,6 +406,24 @@ def test_latent_kernels_grids():
   assert got["rin_latent_attn_bwd"][0] == (2, 1)     # never more partials than blocks
 
 
+def test_tpu_default_picks_the_latent_kernel_where_the_cost_table_says_it_wins(monkeypatch):
+  # kernels/pallas_tpu/cost_table.py (bench.tpu_static --write-wins, v5e ESTIMATE): the
+  # CIFAR-10 latent block class beats XLA, so implementation=None on TPU runs the kernel.
+  from kernels import api
+  from kernels.pallas_tpu import cost_table
+  from bench.tpu_static import find_kernels
+  monkeypatch.setattr(api.jax, "default_backend", lambda: "tpu")
+  s = oc.CIFAR10
+  z = jax.ShapeDtypeStruct((32, s.m, s.d), jnp.bfloat16)
+  p = oc.latent_params(jax.random.PRNGKey(0), s.d, s.d, jnp.float32)
+  key = api.shape_class("latent_attn", z, p.wq, heads=s.latent_heads, dtype=z.dtype)
+  row = cost_table.WINS[key]
+  assert row["pallas_tpu_us"] < row["xla_us"], row
+  f = lambda z: kernels.latent_attention_block(z, p, num_heads=s.latent_heads)
+  assert [e.params["name"] for e in find_kernels(jax.make_jaxpr(f)(z))] == [
+      "rin_latent_attn_fwd"]
+
+
 def test_latent_public_op_and_layer_use_the_kernel():
   (z, p), _ = oc.latent_inputs(0, 2, 9, 32, 32, jnp.float32)
   got = kernels.latent_attention_block(z, p, num_heads=2, implementation="pallas_tpu",
