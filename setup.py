@@ -29,9 +29,10 @@ setup(
     ],
     extras_require={
         # torch only feeds Triton's CPU interpreter in the tests (jax-triton needs a GPU).
-        # jax's CUDA plugin (XLA's GPU compiler for the deviceless GPU compile rung) is not
-        # here: scripts/setup.sh installs it into .venv/xla_gpu_plugin (bench.gpu_static's
-        # processes only), so CPU-only jax processes do not print its cuInit failure.
+        # jax's CUDA plugin and libtpu (the deviceless GPU and TPU compile rungs) are not
+        # here: scripts/setup.sh installs them into .venv/xla_gpu_plugin and .venv/libtpu_site,
+        # on PYTHONPATH of the static tools' compile processes only, so CPU-only jax processes
+        # print neither the plugin's cuInit failure nor libtpu's host warnings.
         "test": ["pytest", "pytest-xdist", "hypothesis", "triton", "jax-triton", "torch",
                  "pytorch-fid"],
         "gpu": ["jax-triton", "triton"],

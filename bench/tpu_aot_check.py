@@ -32,7 +32,20 @@ def _fn(o: shapes.OpShape):
   return lambda a, b, p: op(a, b, p, num_heads=o.heads)
 
 
-KINDS = ("attention", "read", "write")
+KINDS = ("attention", "read", "write", "latent")
+# Odd latent self-attention blocks: (name, m, d, heads, residual): M no multiple of 8,
+# head dims 32, 48 and 72.
+ODD_LATENT = (("latent_m7_d32_h1", 7, 32, 1, False), ("latent_m130_d96_h2", 130, 96, 2, True),
+              ("latent_m9_d144_h2", 9, 144, 2, False))
+
+
+def _latent_case(batch, m, d, heads, residual, dt, sharding):
+  from kernels.params import LatentAttentionParams
+  sds = lambda *shape: jax.ShapeDtypeStruct(shape, dt, sharding=sharding)
+  p = LatentAttentionParams(sds(d), sds(d), sds(d, d), sds(d), sds(d, d), sds(d), sds(d, d),
+                            sds(d), sds(d, d), sds(d))
+  fn = lambda z, p: P.latent_attention_block(z, p, num_heads=heads, residual=residual)
+  return fn, (sds(batch, m, d), p)
 
 
 def _cases(batch, sharding, kinds=KINDS):
@@ -48,6 +61,13 @@ def _cases(batch, sharding, kinds=KINDS):
   for o in shapes.ODD:
     if o.kind in kinds:
       yield f"odd {o.name}", _fn(o), shapes.abstract_args(o, 1, jnp.float32, sharding=sharding)
+  if "latent" in kinds:      # the fused latent self-attention block (the model's layer)
+    for s in shapes.PUBLISHED:
+      for dt in (jnp.bfloat16, jnp.float32):
+        yield (f"{s.name} {jnp.dtype(dt).name} latent_attention_block",
+               *_latent_case(batch, s.m, s.d, s.latent_heads, False, dt, sharding))
+    for name, m, d, heads, residual in ODD_LATENT:
+      yield f"odd {name}", *_latent_case(1, m, d, heads, residual, jnp.float32, sharding)
 
 
 def main(argv=None) -> int:

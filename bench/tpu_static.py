@@ -361,8 +361,21 @@ def op_classes(ops):
 # Worker processes (one libtpu per process; flags are read once at libtpu start).
 # ----------------------------------------------------------------------------
 
+def libtpu_site() -> str | None:
+  """Where libtpu is: "" importable here, else the `pip install --target` folder that has it
+  (RIN_LIBTPU_SITE, else scripts/setup.sh's .venv/libtpu_site), else None."""
+  import importlib.util
+  if importlib.util.find_spec("libtpu") is not None:
+    return ""
+  site = os.environ.get("RIN_LIBTPU_SITE") or os.path.join(sys.prefix, "libtpu_site")
+  return site if os.path.isdir(os.path.join(site, "libtpu")) else None
+
+
 def _libtpu_env(gen: str, flags: str = ""):
   env = dict(os.environ)
+  if libtpu_site():
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (libtpu_site(), env.get("PYTHONPATH"))
+                                        if p)
   env["TPU_ACCELERATOR_TYPE"] = GENERATIONS[gen][1]
   env["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"     # other compiles on this host hold the lockfile
   env["LIBTPU_INIT_ARGS"] = (env.get("LIBTPU_INIT_ARGS", "") + " " + flags).strip()

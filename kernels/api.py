@@ -16,9 +16,9 @@ exists, else the estimate in kernels/gpu_cost_table.py (WINS, `bench.gpu_static
 kernels/pallas_tpu/cost_table.py (WINS, filled by `bench.tpu_static --write-wins` from the
 TPU compiler's own cost model: an estimate, no TPU measured): the Pallas kernels only for a
 class whose estimated time per train step, kernels plus the XLA ops around them, beats
-XLA's fusion of the same op. Today no class does (bench/results/tpu_static/scopes_v5e.md,
-imagenet64_v5e.md: read, write and latent attention each lose), so it is "xla" for every
-op; implementation="pallas_tpu" forces the kernels. `precision=` follows
+XLA's fusion of the same op. Today only the CIFAR-10 latent self-attention block does
+(bench/results/tpu_static/latent_v5e.md); read and write lose (and ImageNet-64's latent
+block has no row yet), so those run "xla"; implementation="pallas_tpu" forces the kernels. `precision=` follows
 kernels/precision.py (None: TF32 for fp32 dots, as XLA; "highest": exact fp32).
 `interpret=True` runs a kernel implementation in its interpreter on CPU (it has no effect on "xla"). An
 implementation that is known but not importable here raises instead of silently
@@ -51,8 +51,8 @@ IMPLEMENTATIONS = tuple(_BACKEND_MODULES)
 # call without an op class.
 _PLATFORM_DEFAULT = {"tpu": "xla", "gpu": "triton", "cuda": "triton"}
 TPU_DEFAULT_REASON = ("per op class by kernels/pallas_tpu/cost_table.py WINS, the TPU "
-                      "compiler's cost-model estimate; bench/results/tpu_static/scopes_v5e.md: "
-                      "no kernel-backed op beats XLA's fusion of it yet")
+                      "compiler's cost-model estimate; bench/results/tpu_static/latent_v5e.md: "
+                      "only the CIFAR-10 latent attention block beats XLA's fusion of it")
 _GPU_PLATFORMS = ("gpu", "cuda")
 _LOGGED: set = set()
 

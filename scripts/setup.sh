@@ -20,4 +20,9 @@ fi
 # CUDA libraries are torch's nvidia-* wheels above. ~140 MB download, ~400 MB on disk.
 [ -d .venv/xla_gpu_plugin/jax_plugins/xla_cuda13 ] || .venv/bin/python -m pip install -q \
   --no-deps -c constraints.txt --target .venv/xla_gpu_plugin jax-cuda13-plugin jax-cuda13-pjrt
+# libtpu (XLA:TPU + Mosaic) for the deviceless TPU compile rung, likewise in its own folder
+# (bench.tpu_static's and the tests' compile processes): installed, every jax process printed
+# libtpu's host warnings. ~137 MB download, ~484 MB on disk.
+[ -d .venv/libtpu_site/libtpu ] || .venv/bin/python -m pip install -q --no-deps \
+  -c constraints.txt --target .venv/libtpu_site libtpu
 echo "setup.sh: .venv ready ($(.venv/bin/python --version))"

@@ -193,6 +193,7 @@ class BlockSizes:
   attention: Any = None   # AttentionBlockSizes
   read: Any = None        # ReadBlockSizes
   write: Any = None       # WriteBlockSizes
+  latent: Any = None      # LatentBlockSizes
 
 
 def op_block_sizes(block_sizes, field: str, cls):

@@ -97,8 +97,8 @@ def test_bad_arguments_are_clear_errors():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu "
-                    "(pip install -e .[tpu-static])")
+@pytest.mark.skipif(ts.libtpu_site() is None, reason="needs libtpu (scripts/setup.sh puts "
+                    "it in .venv/libtpu_site; or pip install -e .[tpu-static])")
 def test_tiny_run_with_libtpu(tmp_path):
   r = subprocess.run([sys.executable, "-m", "bench.tpu_static", "--gens", "v5e", "--configs",
                       "tiny", "--modes", "sample", "--batch", "2", "--tag", "tiny", "--out",

@@ -298,6 +298,146 @@ def test_block_property_random_shapes(direction, b, m, n, heads, dh, mlp):
 
 
 # ----------------------------------------------------------------------------
+# Fused latent self-attention block.
+# ----------------------------------------------------------------------------
+
+def _latent(heads, residual=False, interpret=True, block_sizes=None):
+  return functools.partial(P.latent_attention_block, num_heads=heads, residual=residual,
+                           interpret=interpret, block_sizes=block_sizes)
+
+
+def check_latent(shape, dtype, *, residual=False, interpret=True, block_sizes=None, seed=0):
+  """shape: (batch, m, d, heads, width)."""
+  oc.check_latent(_latent(shape[3], residual, interpret, block_sizes), shape, dtype,
+                  backend="pallas_tpu", residual=residual, seed=seed)
+
+
+# (batch, m, d, heads, width), residual: latent counts no multiple of 8 (7, 130, 9), head
+# dims 32, 48 and 72, with and without the residual.
+LATENT_ODD = [
+    ((1, 7, 32, 1, 32), False),
+    ((2, 130, 96, 2, 96), True),
+    ((2, 9, 64, 2, 144), False),
+    ((1, 1, 16, 2, 16), True),
+]
+
+
+@pytest.mark.parametrize("shape,residual", LATENT_ODD, ids=str)
+def test_latent_odd_shapes_fp32(shape, residual):
+  check_latent(shape, jnp.float32, residual=residual)
+
+
+@pytest.mark.parametrize("shape,residual", [((2, 16, 64, 2, 64), True),
+                                            ((2, 20, 96, 2, 96), False)], ids=str)
+def test_latent_bf16(shape, residual):
+  check_latent(shape, jnp.bfloat16, residual=residual)
+
+
+@pytest.mark.parametrize("bs", [P.LatentBlockSizes(block_b=2, num_partials=3),
+                                P.LatentBlockSizes(block_b=1, num_partials=2),
+                                P.LatentBlockSizes(block_b=5, num_partials=1)], ids=str)
+def test_latent_batch_blocks_and_partials_fp32(bs):
+  # 5 batch elements: blocks of 2 (the last padded) over 3 partials (the last with only
+  # padding), one element a step over 2 partials (padded to 6), all in one step.
+  check_latent((5, 9, 40, 2, 48), jnp.float32, residual=True, block_sizes=bs)
+
+
+def test_latent_cifar10_published_fp32():
+  s = oc.CIFAR10     # M = 128 latents of width 512, 16 heads of 32
+  check_latent((1, s.m, s.d, s.latent_heads, s.d), jnp.float32)
+
+
+def test_latent_block_rules(monkeypatch):
+  R = P.LatentBlockSizes
+  monkeypatch.setenv("RIN_TPU_GENERATION", "v5e")
+  # 1024 rows a step: 8 latent blocks of 128 at batch 32; one TensorCore: one partial.
+  assert R().resolve(32, 128) == R(8, 1)
+  assert R().resolve(2, 128) == R(1, 1)              # 2 forward steps when the batch allows
+  assert R().resolve(1, 8) == R(1, 1)
+  assert R().resolve(6, 128) == R(3, 1)              # divisors of the batch first
+  assert R().resolve(32, 128, fits=lambda bb: bb <= 2) == R(2, 1)
+  assert R(block_b=64).resolve(32, 128).block_b == 32
+  monkeypatch.setenv("RIN_TPU_GENERATION", "v5p")    # megacore: two partials
+  assert R().resolve(32, 128).num_partials == 2
+  monkeypatch.delenv("RIN_TPU_GENERATION")
+  assert R().resolve(32, 128).num_partials == 2
+  for bad in (0, -1, 1.5, True):
+    with pytest.raises(ValueError, match=r"block_b=.* must be a positive int"):
+      R(block_b=bad).resolve(4, 8)
+    with pytest.raises(ValueError, match=r"num_partials=.* must be a positive int"):
+      R(num_partials=bad).resolve(4, 8)
+  (z, p), _ = oc.latent_inputs(0, 1, 8, 16, 16, jnp.float32)
+  with pytest.raises(ValueError, match=r"LatentBlockSizes"):
+    P.latent_attention_block(z, p, num_heads=1, interpret=True, block_sizes=P.ReadBlockSizes())
+  big = jax.ShapeDtypeStruct((64, 2048, 1024), jnp.float32)
+  with pytest.raises(ValueError, match=r"pallas_tpu.latent_attention_block.*VMEM"):
+    jax.eval_shape(lambda z, p: P.latent_attention_block(
+        z, p, num_heads=8, block_sizes=R(block_b=8)), big,
+        oc.latent_params(jax.random.PRNGKey(0), 1024, 1024, jnp.float32))
+
+
+def _latent_kernels(batch, bs, residual=False):
+  """{kernel name: (grid, dimension_semantics)} of the latent block's value and gradient,
+  and the number of Pallas calls in each."""
+  from bench.tpu_static import find_kernels
+  (z, p), _ = oc.latent_inputs(0, batch, 128, 64, 64, jnp.bfloat16)
+  fn = _latent(2, residual, interpret=False, block_sizes=bs)
+  out = {}
+  counts = []
+  for f in (fn, jax.grad(lambda z, p: jnp.sum(fn(z, p).astype(jnp.float32)), argnums=(0, 1))):
+    ks = find_kernels(jax.make_jaxpr(f)(z, p))
+    counts.append(len(ks))
+    for e in ks:
+      cp = e.params["compiler_params"]
+      cp = cp.get("mosaic_tpu", cp) if isinstance(cp, dict) else cp
+      out[e.params["name"]] = (tuple(e.params["grid_mapping"].grid),
+                               tuple(cp.dimension_semantics))
+  return out, counts
+
+
+def test_latent_kernels_grids():
+  # One kernel forward, one backward (no XLA attention core, no delta pass); the backward
+  # is sequential but for its leading per-core partial axis.
+  got, counts = _latent_kernels(8, P.LatentBlockSizes(block_b=2, num_partials=2))
+  assert got == {"rin_latent_attn_fwd": ((4,), ("parallel",)),
+                 "rin_latent_attn_bwd": ((2, 2), ("parallel", "arbitrary"))}
+  assert counts == [1, 2]      # the gradient: the saving forward and the backward
+  got, _ = _latent_kernels(3, P.LatentBlockSizes(block_b=2, num_partials=4))
+  assert got["rin_latent_attn_bwd"][0] == (2, 1)     # never more partials than blocks
+
+
+def test_tpu_default_picks_the_latent_kernel_where_the_cost_table_says_it_wins(monkeypatch):
+  # kernels/pallas_tpu/cost_table.py (bench.tpu_static --write-wins, v5e ESTIMATE): the
+  # CIFAR-10 latent block class beats XLA, so implementation=None on TPU runs the kernel.
+  from kernels import api
+  from kernels.pallas_tpu import cost_table
+  from bench.tpu_static import find_kernels
+  monkeypatch.setattr(api.jax, "default_backend", lambda: "tpu")
+  s = oc.CIFAR10
+  z = jax.ShapeDtypeStruct((32, s.m, s.d), jnp.bfloat16)
+  p = oc.latent_params(jax.random.PRNGKey(0), s.d, s.d, jnp.float32)
+  key = api.shape_class("latent_attn", z, p.wq, heads=s.latent_heads, dtype=z.dtype)
+  row = cost_table.WINS[key]
+  assert row["pallas_tpu_us"] < row["xla_us"], row
+  f = lambda z: kernels.latent_attention_block(z, p, num_heads=s.latent_heads)
+  assert [e.params["name"] for e in find_kernels(jax.make_jaxpr(f)(z))] == [
+      "rin_latent_attn_fwd"]
+
+
+def test_latent_public_op_and_layer_use_the_kernel():
+  (z, p), _ = oc.latent_inputs(0, 2, 9, 32, 32, jnp.float32)
+  got = kernels.latent_attention_block(z, p, num_heads=2, implementation="pallas_tpu",
+                                       interpret=True, residual=True,
+                                       block_sizes=P.BlockSizes(latent=P.LatentBlockSizes(1)))
+  want = kernels.latent_attention_block(z, p, num_heads=2, implementation="xla", residual=True)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+  from bench.tpu_static import find_kernels
+  f = lambda z: kernels.latent_attention_block(z, p, num_heads=2, implementation="pallas_tpu")
+  assert [e.params["name"] for e in find_kernels(jax.make_jaxpr(f)(z))] == [
+      "rin_latent_attn_fwd"]
+
+
+# ----------------------------------------------------------------------------
 # TPU-faithful interpreter (DMA / semaphore model) with race detection.
 # ----------------------------------------------------------------------------
 
@@ -313,6 +453,9 @@ def test_tpu_interpreter_with_race_detection():
   assert not _races_found()
   check_block("write", (1, 8, 16, 20, 16, 2, 16, 32), jnp.float32, interpret=ip,
               block_sizes=P.WriteBlockSizes(block_n=8))
+  assert not _races_found()
+  check_latent((3, 9, 16, 2, 16), jnp.float32, interpret=ip, residual=True,
+               block_sizes=P.LatentBlockSizes(block_b=1, num_partials=2))
   assert not _races_found()
 
 
@@ -460,32 +603,91 @@ def test_odd_shapes_lower_for_tpu():
   assert _export_tpu(_op(o.kind, o.heads, interpret=False), *args) == [1, 1]
 
 
+def test_latent_block_lowers_for_tpu_at_published_and_odd_shapes():
+  # The fused latent block: forward 1 kernel, gradient 2 (the saving forward, backward).
+  from bench.tpu_aot_check import ODD_LATENT, _latent_case
+  cases = [(EXPORT_BATCH, s.m, s.d, s.latent_heads, False, dt)
+           for s in oc.PUBLISHED[:2] for dt in (jnp.bfloat16, jnp.float32)]
+  cases += [(1, m, d, heads, residual, jnp.float32) for _, m, d, heads, residual in ODD_LATENT]
+  for case in cases:
+    fn, args = _latent_case(*case, None)
+    assert _export_tpu(fn, *args) == [1, 2], case
+
+
 # ----------------------------------------------------------------------------
 # Stronger than export: the real XLA:TPU + Mosaic compilers, deviceless (libtpu).
 # ----------------------------------------------------------------------------
 
 def _libtpu_site():
-  import importlib.util
+  from bench.tpu_static import libtpu_site    # scripts/setup.sh: .venv/libtpu_site
+  return libtpu_site()
+
+
+def _libtpu_env():
   import os
-  if importlib.util.find_spec("libtpu") is not None:
-    return ""
-  site = os.environ.get("RIN_LIBTPU_SITE", "")   # a `pip install --target` dir with libtpu
-  return site if site and os.path.isdir(os.path.join(site, "libtpu")) else None
+  env = dict(os.environ)
+  if _libtpu_site():
+    env["PYTHONPATH"] = os.pathsep.join([_libtpu_site(), os.getcwd(), env.get("PYTHONPATH", "")])
+  return env
+
+
+# A deviceless compile (the real XLA:TPU and Mosaic compilers, no TPU) of the fused latent
+# block and the write block at tiny shapes, forward and gradient, in a fresh process (libtpu
+# reads its flags once); prints each program's Pallas kernel names.
+_TINY_COMPILE = """
+import functools, jax, jax.numpy as jnp
+from jax.experimental import topologies
+from jax.sharding import SingleDeviceSharding
+import kernels.pallas_tpu as P
+from tests.kernels import op_cases as oc
+sh = SingleDeviceSharding(topologies.get_topology_desc(platform="tpu",
+                                                        topology_name="v5e:1x1").devices[0])
+place = lambda t: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), t)
+def compile_(name, fn, args):
+  for f in (fn, jax.grad(lambda *a: jnp.sum(fn(*a).astype(jnp.float32)),
+                         argnums=tuple(range(len(args))))):
+    text = jax.jit(f).lower(*place(args)).compile().as_text()
+    print(name, sorted(set(k for k in ("rin_latent_attn_fwd", "rin_latent_attn_bwd",
+                                       "rin_write_block_fwd", "rin_write_block_attn_bwd",
+                                       "rin_write_block_mlp_bwd") if k in text)))
+(z, p), _ = oc.latent_inputs(0, 2, 20, 128, 128, jnp.bfloat16)
+compile_("latent", functools.partial(P.latent_attention_block, num_heads=4, residual=True),
+         (z, p))
+args, _ = oc.block_inputs(0, "write", 2, 16, 64, 40, 64, 64, 128, jnp.bfloat16)
+compile_("write", functools.partial(P.write_block, num_heads=2), args)
+"""
+
+
+@pytest.mark.skipif(_libtpu_site() is None,
+                    reason="needs libtpu (scripts/setup.sh puts it in .venv/libtpu_site; or RIN_LIBTPU_SITE)"
+                    "; export lowering above still checks every kernel")
+def test_latent_and_write_block_compile_for_tpu_v5e_with_libtpu():
+  import subprocess
+  import sys
+  from bench.tpu_static import _libtpu_env as bench_env
+  env = bench_env("v5e") | {k: v for k, v in _libtpu_env().items() if k == "PYTHONPATH"}
+  r = subprocess.run([sys.executable, "-c", _TINY_COMPILE], env=env, capture_output=True,
+                     text=True, timeout=600)
+  assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+  assert r.stdout.split("\n")[:4] == [
+      "latent ['rin_latent_attn_fwd']", "latent ['rin_latent_attn_bwd', 'rin_latent_attn_fwd']",
+      "write ['rin_write_block_fwd']",
+      "write ['rin_write_block_attn_bwd', 'rin_write_block_fwd', 'rin_write_block_mlp_bwd']"], (
+      r.stdout)
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(_libtpu_site() is None,
-                    reason="needs libtpu (pip install libtpu, or RIN_LIBTPU_SITE=<--target dir>)"
+                    reason="needs libtpu (scripts/setup.sh puts it in .venv/libtpu_site; or RIN_LIBTPU_SITE)"
                     "; export lowering above still checks every kernel")
 def test_every_kernel_compiles_for_tpu_v5e_with_libtpu():
   import os
   import subprocess
   import sys
-  env = dict(os.environ)
-  if _libtpu_site():
-    env["PYTHONPATH"] = os.pathsep.join([_libtpu_site(), os.getcwd(), env.get("PYTHONPATH", "")])
+  env = _libtpu_env()
   r = subprocess.run([sys.executable, "-m", "bench.tpu_aot_check", "--topology",
                       "v5e:1x1", "--batch", "8"], env=env, capture_output=True, text=True,
                      timeout=1500)
   assert r.returncode == 0 and "\n0 failures" in r.stdout, r.stdout[-4000:] + r.stderr[-2000:]
-  assert r.stdout.count("| yes |") == 2 * (3 * 2 * 5 + 4)
+  # 5 ops x 2 dtypes x 3 configs + 4 odd shapes; the latent block: 2 x 3 + 3 odd.
+  assert r.stdout.count("| yes |") == 2 * (3 * 2 * 5 + 4) + 2 * (2 * 3 + 3)
