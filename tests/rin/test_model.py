@@ -163,8 +163,8 @@ def test_missing_labels_is_a_clear_error():
 
 def test_unknown_implementation_is_a_clear_error():
   cfg = tiny_config()
-  with pytest.raises(ValueError, match="implementation='cudnn' is unknown"):
-    rin.RIN(**cfg.model, implementation="cudnn").init(jax.random.PRNGKey(0), *_inputs(cfg))
+  with pytest.raises(ValueError, match="implementation='flash_v9' is unknown"):
+    rin.RIN(**cfg.model, implementation="flash_v9").init(jax.random.PRNGKey(0), *_inputs(cfg))
 
 
 def test_parameter_tree_is_independent_of_implementation():

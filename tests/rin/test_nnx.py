@@ -132,8 +132,8 @@ def test_layer_kernel_implementation_is_passed_through():
   net = rnnx.from_linen(lin, params)
   assert net.config.implementation == "pallas_tpu" and net.config.interpret
   assert_same(_linen_call(lin, params, *args), net(*args))
-  with pytest.raises(ValueError, match="implementation='cudnn' is unknown"):
-    rnnx.ReadBlock(D, T, num_heads=2, implementation="cudnn", rngs=nnx.Rngs(0))(*args)
+  with pytest.raises(ValueError, match="implementation='flash_v9' is unknown"):
+    rnnx.ReadBlock(D, T, num_heads=2, implementation="flash_v9", rngs=nnx.Rngs(0))(*args)
 
 
 # ---------------------------------------------------------------------------------------
