@@ -65,7 +65,7 @@ KINETICS600 = ModelShapes("kinetics600", "kinetics600", (), 256, 1024, 2304, 512
                           4.0, 16, 6, 4)
 KINETICS600_N4096 = ModelShapes("kinetics600_n4096", "kinetics600", (("tubelet_frames", 1),),
                                 256, 1024, 4096, 512, 16, 512, 4.0, 16, 6, 4)
-MOVING_DIGITS = ModelShapes("moving_digits", "moving_digits", (), 32, 96, 144, 64, 4, 64, 2.0,
+MOVING_DIGITS = ModelShapes("moving_digits", "moving_digits", (), 32, 96, 144, 128, 4, 96, 2.0,
                             4, 2, 1)
 
 # The paper's image configs: what the kernel tests and the TPU / GPU tools cover.
