@@ -371,6 +371,18 @@ def libtpu_site() -> str | None:
   return site if os.path.isdir(os.path.join(site, "libtpu")) else None
 
 
+def libtpu_version() -> str:
+  """libtpu's version, installed here or in libtpu_site()'s folder."""
+  import importlib.metadata as md
+  try:
+    return md.version("libtpu")
+  except md.PackageNotFoundError:
+    for d in md.distributions(path=[libtpu_site() or ""]):
+      if d.metadata["Name"].lower() == "libtpu":
+        return d.version
+    return "unknown"
+
+
 def _libtpu_env(gen: str, flags: str = ""):
   env = dict(os.environ)
   if libtpu_site():
@@ -1001,7 +1013,7 @@ def main(argv=None) -> int:
   import importlib.metadata as md
   import jax
   result = dict(tag=args.tag, label=LABEL, batch=args.batch, jax=jax.__version__,
-                libtpu=md.version("libtpu"),
+                libtpu=libtpu_version(),
                 command="python -m bench.tpu_static " + " ".join(argv if argv is not None
                                                                  else sys.argv[1:]),
                 generations=[])
