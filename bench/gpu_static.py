@@ -63,7 +63,8 @@ import time
 import zlib
 
 from bench.static_common import (CLASS_GROUPS, GROUP_DOC, MODES, OP_GROUPS, _recording_op_classes,
-                                 _short_op_name, attribute, hlo_computations, step_fn)
+                                 _short_op_name, attribute, hlo_computations, rewrite_wins,
+                                 step_fn)
 
 LABEL = ("ESTIMATES: per-kernel roofline over the kernels XLA:GPU compiles deviceless (no "
          "autotuning, default GEMM tiles), not measurements; memory_analysis figures are "
@@ -721,18 +722,8 @@ def wins_rows(result) -> dict:
 
 def write_wins(rows_by_target, target="h100", path=None):
   """Rewrites WINS in kernels/gpu_cost_table.py with `target`'s rows (others kept)."""
-  import importlib
   from kernels import gpu_cost_table
-  path = path or gpu_cost_table.__file__
-  src = open(path).read()
-  old = dict(importlib.reload(gpu_cost_table).WINS) if path == gpu_cost_table.__file__ else {}
-  old.update(rows_by_target.get(target, {}))
-  head = src[: src.index("\nWINS: dict") + 1]
-  body = "".join(f"    {k!r}: {{\n" + "".join(f"        {f!r}: {v!r},\n"
-                                             for f, v in sorted(old[k].items())) + "    },\n"
-                 for k in sorted(old))
-  open(path, "w").write(head + "WINS: dict[str, dict] = {\n" + body + "}\n")
-  return old
+  return rewrite_wins(gpu_cost_table, rows_by_target.get(target, {}), path)
 
 
 def main(argv=None) -> int:

@@ -287,3 +287,20 @@ class _recording_op_classes:
   def __exit__(self, *exc):
     self.api.resolve_implementation = self.orig
 
+
+
+def rewrite_wins(module, rows: dict, path=None) -> dict:
+  """Rewrites the WINS dict of a cost-table module (kernels/pallas_tpu/cost_table.py,
+  kernels/gpu_cost_table.py) with `rows` merged over its current rows; the text before
+  `WINS: dict` (the docstring) is kept. Returns the merged table."""
+  import importlib
+  path = path or module.__file__
+  src = open(path).read()
+  old = dict(importlib.reload(module).WINS) if path == module.__file__ else {}
+  old.update(rows)
+  head = src[: src.index("\nWINS: dict") + 1]
+  body = "".join(f"    {k!r}: {{\n" + "".join(f"        {f!r}: {v!r},\n"
+                                             for f, v in sorted(old[k].items())) + "    },\n"
+                 for k in sorted(old))
+  open(path, "w").write(head + "WINS: dict[str, dict] = {\n" + body + "}\n")
+  return old

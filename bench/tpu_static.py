@@ -63,7 +63,7 @@ import numpy as np
 from bench.static_common import (  # noqa: F401
     CLASS_GROUPS, GROUP_DOC, MODES, OP_GROUPS, _HLO_DTYPES, _INSTR, _IO_PARAMS, _OPNAME,
     _kernel_name_of, _param_group, _recording_op_classes, _short_op_name, _strip_layouts,
-    attribute, hlo_ops, hlo_records, make_config, op_group, step_fn)
+    attribute, hlo_ops, hlo_records, make_config, op_group, rewrite_wins, step_fn)
 
 # name: (topology, TPU_ACCELERATOR_TYPE that quiets libtpu's host probing)
 GENERATIONS = {
@@ -424,18 +424,8 @@ def wins_rows(result):
 
 def write_wins(rows, path=None):
   """Rewrites WINS in kernels/pallas_tpu/cost_table.py (docstring kept; other keys kept)."""
-  import importlib
   from kernels.pallas_tpu import cost_table
-  path = path or cost_table.__file__
-  src = open(path).read()
-  old = dict(importlib.reload(cost_table).WINS) if path == cost_table.__file__ else {}
-  old.update(rows)
-  head = src[: src.index("\nWINS: dict") + 1]
-  body = "".join(f"    {k!r}: {{\n" + "".join(f"        {f!r}: {v!r},\n"
-                                             for f, v in sorted(old[k].items())) + "    },\n"
-                 for k in sorted(old))
-  open(path, "w").write(head + "WINS: dict[str, dict] = {\n" + body + "}\n")
-  return old
+  return rewrite_wins(cost_table, rows, path)
 
 
 def worker_steps(gen, configs, modes, impls, batch, hlo_dir=None):
