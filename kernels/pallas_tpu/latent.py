@@ -20,9 +20,8 @@ Forward: one kernel, grid (batch block,), "parallel". Under autodiff it also wri
 the backward reads instead of recomputing: q, k, v and the attention output o ([B, M, A]
 each) and the probabilities P ([B, H, M, M]), all in the compute dtype (P is rounded to
 it anyway as the P.V operand). Their HBM traffic overlaps with MXU work; recomputing them
-added the three projections and the whole softmax to the backward (the static LLO
-profile of the CIFAR-10 layer's backward: 240 us recomputing all, 205 saving q/k/v/o,
-151 saving P as well, at 512 rows a step, v5e, batch 32; ESTIMATES).
+added the three projections and the whole softmax to the backward, which the TPU cost
+model priced higher (figures: bench/results/README.md, the fused latent block).
 
 Backward: one kernel. Per batch block it recomputes LN(z) (vector work only), takes
 dO = dout Wo^T, and per head dP = dO V^T, delta = rowsum(dP * P) (= rowsum(dO * O) of
@@ -56,9 +55,9 @@ from jax.experimental.pallas import tpu as pltpu
 from kernels.pallas_tpu import common as c
 
 f32 = jnp.float32
-# Rows (block_b * M) per grid step the default aims for, VMEM permitting. The static LLO
-# profile of the CIFAR-10 layer (v5e, batch 32; ESTIMATE) puts forward + backward at 271,
-# 248, 227 and 234 us with 256, 512, 1024 and 2048 rows a step.
+# Rows (block_b * M) per grid step the default aims for, VMEM permitting: the best of the
+# TPU cost model's static profile of the CIFAR-10 layer over 256..2048 rows (the sweep is
+# in bench/results/README.md).
 ROWS_TARGET = 1024
 # Generations with one TensorCore per chip, where one partial accumulator is the default.
 SINGLE_CORE = ("v5e", "v6e")
