@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
 from typing import Any
 
 import jax
@@ -35,7 +36,8 @@ import jax.numpy as jnp
 
 from kernels import precision as _precision
 from kernels import reference
-from kernels.params import LatentAttentionParams, ReadBlockParams, WriteBlockParams
+from kernels.params import (LatentAttentionParams, LatentMLPParams, ReadBlockParams,
+                            WriteBlockParams)
 
 # name -> module implementing cross_attention / read_block / write_block.
 _BACKEND_MODULES = {
@@ -403,3 +405,62 @@ def latent_attention_block(z, params: LatentAttentionParams, *, num_heads: int,
                                                residual=residual, interpret=interpret,
                                                block_sizes=block_sizes,
                                                **_prec_kw(name, precision))
+
+
+def _check_mlp_args(z, p, residual, branch_scale, dropout_rate, dropout_seed) -> None:
+  pre = "latent_mlp_block"
+  if z.ndim != 3:
+    raise ValueError(f"{pre}: z must have rank 3 [batch, latents, features], got shape "
+                     f"{z.shape}")
+  _check_float("z", z)
+  if p.w1 is None or p.w1.ndim != 2:
+    raise ValueError(f"{pre}: params.w1 must be a matrix [features, hidden], got "
+                     f"{None if p.w1 is None else p.w1.shape}")
+  d, hidden = z.shape[-1], p.w1.shape[1]
+  for name, shape in (("ln_scale", (d,)), ("ln_bias", (d,)), ("w1", (d, hidden)),
+                      ("b1", (hidden,)), ("w2", (hidden, d)), ("b2", (d,))):
+    _expect_shape(f"{pre}: params.{name}", getattr(p, name), shape)
+  if branch_scale is not None:
+    _expect_shape(f"{pre}: branch_scale (one scale per batch element)", branch_scale,
+                  (z.shape[0],))
+    _check_float("branch_scale", branch_scale)
+  if not isinstance(dropout_rate, (int, float)) or not 0.0 <= dropout_rate < 1.0:
+    raise ValueError(f"{pre}: dropout_rate must be a number in [0, 1), got {dropout_rate!r}")
+  if dropout_rate:
+    if dropout_seed is None:
+      raise ValueError(f"{pre}: dropout_rate={dropout_rate} needs dropout_seed (uint32[2], "
+                       "e.g. jax.random.bits(key, (2,), jnp.uint32))")
+    if tuple(dropout_seed.shape) != (2,) or dropout_seed.dtype != jnp.uint32:
+      raise ValueError(f"{pre}: dropout_seed must be uint32[2], got "
+                       f"{dropout_seed.dtype}{list(dropout_seed.shape)}")
+    if math.prod(z.shape[:2]) * hidden >= 2 ** 32:
+      raise ValueError(f"{pre}: the hidden activations [B, M, F] = {z.shape[:2] + (hidden,)} "
+                       "hold 2^32 or more elements; dropout's 32-bit element index overflows")
+
+
+def latent_mlp_block(z, params: LatentMLPParams, *, residual: bool = False,
+                     branch_scale=None, dropout_rate: float = 0.0, dropout_seed=None,
+                     implementation: str | None = None, interpret: bool = False,
+                     block_sizes: Any = None, precision: str | None = None):
+  """Fused latent MLP: [z +] s * (dropout(GELU(LN(z) W1 + b1)) W2 + b2).
+
+  z: latents [B, M, D]; params: LatentMLPParams (hidden width F = params.w1.shape[1]).
+  branch_scale: [B] per-example scale of the branch (the model's drop-path), None for 1.
+  dropout_rate / dropout_seed (uint32[2]): inverted dropout on the hidden activations with
+  kernels.reference.counter_hash_bits as the mask, so every implementation draws the same
+  mask. Returns [B, M, D] in z's dtype: the branch, or z plus it with `residual`.
+  """
+  if not isinstance(params, LatentMLPParams):
+    raise TypeError("latent_mlp_block: params must be LatentMLPParams, got "
+                    f"{type(params).__name__}")
+  _check_mlp_args(z, params, residual, branch_scale, dropout_rate, dropout_seed)
+  precision = _precision.check(precision)
+  name = resolve_implementation(implementation, shape_class(
+      "latent_mlp", z, params.w1, dtype=z.dtype))
+  kw = dict(residual=residual, branch_scale=branch_scale, dropout_rate=float(dropout_rate),
+            dropout_seed=dropout_seed)
+  if name == "xla":
+    return reference.latent_mlp_block(z, params, precision=precision, **kw)
+  return _backend(name).latent_mlp_block(z, params, interpret=interpret,
+                                         block_sizes=block_sizes,
+                                         **_prec_kw(name, precision), **kw)

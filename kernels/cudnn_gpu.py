@@ -91,4 +91,13 @@ def latent_attention_block(z, p, *, num_heads, residual=False, interpret=False,
                                           attention=_attention(interpret, block_sizes))
 
 
-__all__ = ["cross_attention", "latent_attention_block", "read_block", "write_block"]
+def latent_mlp_block(z, p, *, residual=False, branch_scale=None, dropout_rate=0.0,
+                     dropout_seed=None, interpret=False, block_sizes=None, precision=None):
+  """No attention in it: cuDNN adds nothing, so XLA's composition (kernels/reference.py)."""
+  return reference.latent_mlp_block(z, p, residual=residual, branch_scale=branch_scale,
+                                    dropout_rate=dropout_rate, dropout_seed=dropout_seed,
+                                    precision=precision)
+
+
+__all__ = ["cross_attention", "latent_attention_block", "latent_mlp_block", "read_block",
+           "write_block"]

@@ -10,6 +10,10 @@ Shapes, with A the attention width (= heads * head_dim) and F the MLP width:
   LatentAttentionParams   (latent self-attention: queries, keys and values all from LN(z))
     ln_scale, ln_bias [D]; wq, wk, wv [D, A]; bq, bk, bv [A]; wo [A, D]; bo [D]
     (rin.layers.LatentSelfAttention holds them as ln/{scale,bias}, q|k|v|out/{kernel,bias})
+  LatentMLPParams   (the latent tower's pre-norm MLP: z + MLP(LN(z)))
+    ln_scale, ln_bias [D]; w1 [D, F]; b1 [F]; w2 [F, D]; b2 [D]
+    (rin.layers.LatentMLP holds them as <name>_ln/{scale,bias}, <name>/Dense_0|Dense_1/
+    {kernel,bias}, the tree nn.LayerNorm + rin.layers.MLP made)
 """
 from __future__ import annotations
 
@@ -65,3 +69,12 @@ class LatentAttentionParams(NamedTuple):
   bv: jax.Array
   wo: jax.Array
   bo: jax.Array
+
+
+class LatentMLPParams(NamedTuple):
+  ln_scale: jax.Array
+  ln_bias: jax.Array
+  w1: jax.Array
+  b1: jax.Array
+  w2: jax.Array
+  b2: jax.Array

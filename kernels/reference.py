@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 
 from kernels import precision as _precision
-from kernels.params import LatentAttentionParams, ReadBlockParams, WriteBlockParams
+from kernels.params import (LatentAttentionParams, LatentMLPParams, ReadBlockParams,
+                            WriteBlockParams)
 
 LN_EPS = 1e-6
 SQRT_HALF = 0.7071067811865476               # 1 / sqrt(2), in the erf GELU
@@ -52,6 +53,54 @@ def gelu(x):
   """
   wide = x.astype(compute_dtype(x.dtype))
   return (0.5 * wide * (1.0 + jax.lax.erf(wide * SQRT_HALF))).astype(x.dtype)
+
+
+def _mix32(h):
+  """murmur3's 32-bit finaliser: a bijection of uint32 in which every input bit flips each
+  output bit with probability ~1/2 (full avalanche)."""
+  h = h ^ (h >> 16)
+  h = h * jnp.uint32(0x85EBCA6B)
+  h = h ^ (h >> 13)
+  h = h * jnp.uint32(0xC2B2AE35)
+  return h ^ (h >> 16)
+
+
+HASH_PHI = 0x9E3779B9    # the 32-bit golden ratio: counter_hash_bits' index multiplier
+
+
+def counter_hash_bits(seed, shape) -> jax.Array:
+  """32 pseudo-random bits per element of `shape`: a keyed hash of the element's flat index.
+
+  seed: uint32[2] (drawn from a JAX PRNG key). Each element is mix(mix(i * phi + s0) ^ s1),
+  i the flat index, phi the 32-bit golden ratio: a function of the index alone, so XLA fuses
+  it into the consumer and recomputes it in the backward pass instead of generating and
+  storing a bits array (what jax.random.bits / RngBitGenerator do), and a kernel computes
+  the same bits from its tile's indices (the latent MLP kernels' dropout).
+  """
+  n = math.prod(shape)
+  if n >= 2 ** 32:
+    raise ValueError(f"counter_hash_bits: shape {tuple(shape)} has {n} elements; the flat "
+                     "index is 32-bit, so at most 2^32 - 1 elements")
+  idx = jax.lax.iota(jnp.uint32, n).reshape(shape)
+  return _mix32(_mix32(idx * jnp.uint32(HASH_PHI) + seed[0]) ^ seed[1])
+
+
+def dropout_threshold(rate: float) -> int:
+  """The uint32 threshold of inverted dropout at `rate`: an element survives when its hash
+  bits are below it (probability k = threshold / 2^32, within 2^-33 of 1 - rate) and
+  survivors are scaled by exactly 2^32 / threshold = 1/k, so E[output] = input."""
+  return min(int(round((1.0 - rate) * 2.0 ** 32)), 2 ** 32 - 1)
+
+
+def hash_dropout(h, seed, rate: float):
+  """Inverted dropout of h with counter_hash_bits(seed, h.shape) as its mask; the scale in
+  at least float32 (a bf16 1/k, 1/0.9 -> 1.109375, would bias the mean)."""
+  if rate == 0.0:
+    return h
+  threshold = dropout_threshold(rate)
+  keep = counter_hash_bits(seed, h.shape) < jnp.uint32(threshold)
+  wide = h.astype(jnp.promote_types(h.dtype, jnp.float32))
+  return jnp.where(keep, wide * (2.0 ** 32 / threshold), 0.0).astype(h.dtype)
 
 
 def operand_dtype(dtype) -> jnp.dtype:
@@ -196,6 +245,28 @@ def latent_attention_block(z, p: LatentAttentionParams, *, num_heads: int,
   q, k, v = (_split_heads(dense(h, w, b, op, **pr), num_heads).astype(op)
              for w, b in ((p.wq, p.bq), (p.wk, p.bk), (p.wv, p.bv)))
   y = dense(_merge_heads(attention(q, k, v)), p.wo, p.bo, op, **pr)
+  if residual:
+    y = y + z.astype(cdt)
+  return y.astype(z.dtype)
+
+
+def latent_mlp_block(z, p: LatentMLPParams, *, residual: bool = False, branch_scale=None,
+                     dropout_rate: float = 0.0, dropout_seed=None, precision=None):
+  """The latent tower's MLP: [z +] s * (drop(GELU(LN(z) W1 + b1)) W2 + b2).
+
+  drop: hash_dropout of the hidden [B, M, F] at `dropout_rate` keyed by `dropout_seed`
+  (uint32[2]), as rin.layers.Dropout; s: `branch_scale` [B] (the model's drop-path: 0 or
+  1/keep per example; None: 1). Matmul operands in z's dtype (the model's compute dtype),
+  accumulation, GELU, dropout scale and residual add in float32; returns z's dtype.
+  """
+  cdt, op = compute_dtype(z.dtype), z.dtype
+  pr = dict(precision=precision)
+  h = gelu(dense(layer_norm(z, p.ln_scale, p.ln_bias), p.w1, p.b1, op, **pr))
+  if dropout_rate:
+    h = hash_dropout(h, dropout_seed, dropout_rate)
+  y = dense(h, p.w2, p.b2, op, **pr)
+  if branch_scale is not None:
+    y = y * branch_scale.astype(cdt)[:, None, None]
   if residual:
     y = y + z.astype(cdt)
   return y.astype(z.dtype)

@@ -66,30 +66,8 @@ def Dense(features: int, name: str | None = None, dtype=None, kernel_init=dense_
                   dtype=dtype)
 
 
-def _mix32(h):
-  """murmur3's 32-bit finaliser: a bijection of uint32 in which every input bit flips each
-  output bit with probability ~1/2 (full avalanche)."""
-  h = h ^ (h >> 16)
-  h = h * jnp.uint32(0x85EBCA6B)
-  h = h ^ (h >> 13)
-  h = h * jnp.uint32(0xC2B2AE35)
-  return h ^ (h >> 16)
-
-
-def counter_hash_bits(seed, shape) -> jax.Array:
-  """32 pseudo-random bits per element of `shape`: a keyed hash of the element's flat index.
-
-  seed: uint32[2] (drawn from a JAX PRNG key). Each element is mix(mix(i * phi + s0) ^ s1),
-  i the flat index, phi the 32-bit golden ratio: a function of the index alone, so XLA fuses
-  it into the consumer and recomputes it in the backward pass instead of generating and
-  storing a bits array (what jax.random.bits / RngBitGenerator do).
-  """
-  n = math.prod(shape)
-  if n >= 2 ** 32:
-    raise ValueError(f"counter_hash_bits: shape {tuple(shape)} has {n} elements; the flat "
-                     "index is 32-bit, so at most 2^32 - 1 elements")
-  idx = jax.lax.iota(jnp.uint32, n).reshape(shape)
-  return _mix32(_mix32(idx * jnp.uint32(0x9E3779B9) + seed[0]) ^ seed[1])
+# The dropout mask's hash lives with the ops (the latent MLP kernels draw the same bits).
+counter_hash_bits = kernels.reference.counter_hash_bits
 
 
 class Dropout(nn.Module):
@@ -107,18 +85,17 @@ class Dropout(nn.Module):
   """
   rate: float
 
+  def draw_seed(self):
+    """The uint32[2] key of this call's mask (kernels.reference.counter_hash_bits)."""
+    return jax.random.bits(self.make_rng("dropout"), (2,), jnp.uint32)
+
   @nn.compact
   def __call__(self, x, *, deterministic: bool = True):
     if deterministic or self.rate == 0.0:
       return x
     if not 0.0 <= self.rate < 1.0:
       raise ValueError(f"dropout rate must lie in [0, 1), got {self.rate}")
-    threshold = min(int(round((1.0 - self.rate) * 2.0 ** 32)), 2 ** 32 - 1)
-    seed = jax.random.bits(self.make_rng("dropout"), (2,), jnp.uint32)
-    keep = counter_hash_bits(seed, x.shape) < jnp.uint32(threshold)
-    # Scale in (at least) float32: a bf16 1/k (1/0.9 -> 1.109375) would bias the mean.
-    wide = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-    return jnp.where(keep, wide * (2.0 ** 32 / threshold), 0.0).astype(x.dtype)
+    return kernels.reference.hash_dropout(x, self.draw_seed(), self.rate)
 
 
 class MLP(nn.Module):
@@ -139,6 +116,13 @@ class MLP(nn.Module):
 class DropPath(nn.Module):
   """Stochastic depth: drops the whole residual branch per example."""
   rate: float
+
+  def keep_scale(self, batch: int):
+    """[batch] float32: 1/keep for the examples whose branch survives, 0 for the rest (the
+    fused latent MLP's branch_scale)."""
+    keep = 1.0 - self.rate
+    mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (batch,))
+    return jnp.where(mask, 1.0 / keep, 0.0).astype(jnp.float32)
 
   @nn.compact
   def __call__(self, x, *, deterministic: bool = True):
@@ -206,6 +190,44 @@ class LatentSelfAttention(_KernelBacked):
                                           implementation=self.implementation,
                                           interpret=self.interpret,
                                           block_sizes=self.block_sizes)
+
+
+class _MLPParams(nn.Module):
+  """rin.layers.MLP's {Dense_0, Dense_1}/{kernel, bias} and its dropout seed, returned, not
+  applied (see _DenseParams); the seed is drawn by a Dropout_0 child, as MLP's own."""
+  in_features: int
+  hidden: int
+  dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, deterministic: bool):
+    w1, b1 = _DenseParams(self.in_features, self.hidden, name="Dense_0")()
+    w2, b2 = _DenseParams(self.hidden, self.in_features, name="Dense_1")()
+    seed = None
+    if not deterministic and self.dropout:
+      seed = Dropout(self.dropout, name="Dropout_0").draw_seed()
+    return (w1, b1, w2, b2), seed
+
+
+def latent_mlp(module: nn.Module, z, name: str, ln_name: str, ratio: float, *,
+               dropout: float = 0.0, branch_scale=None, deterministic: bool = True,
+               dtype=None):
+  """z + s * MLP(LN(z)) through kernels.latent_mlp_block, from inside `module`'s compact
+  __call__ (module: a _KernelBacked). The parameters are `<ln_name>/{scale,bias}` and
+  `<name>/Dense_0|Dense_1/{kernel,bias}`: the tree LayerNorm(name=ln_name) and
+  MLP(name=name) made, so checkpoints load unchanged. branch_scale: [B] drop-path scales
+  (DropPath.keep_scale) or None."""
+  d = z.shape[-1]
+  ln_scale, ln_bias = _LayerNormParams(d, name=ln_name)()
+  (w1, b1, w2, b2), seed = _MLPParams(d, int(round(ratio * d)), dropout, name=name)(
+      deterministic)
+  if dtype is not None:
+    z = z.astype(dtype)
+  return kernels.latent_mlp_block(
+      z, kernels.LatentMLPParams(ln_scale, ln_bias, w1, b1, w2, b2), residual=True,
+      branch_scale=branch_scale, dropout_rate=dropout if seed is not None else 0.0,
+      dropout_seed=seed, implementation=module.implementation,
+      interpret=module.interpret, block_sizes=module.block_sizes)
 
 
 def _attention_params(module: nn.Module, q_dim: int, kv_dim: int, width: int):
@@ -501,16 +523,17 @@ class RINBlock(_KernelBacked):
     kb = dict(implementation=self.implementation, interpret=self.interpret,
               block_sizes=self.block_sizes, attention_init=self.attention_init)
     z = ReadBlock(num_heads=self.rw_heads, width=self.rw_width, name="read", **kb)(z, x)
-    z = z + MLP(self.latent_mlp_ratio, dtype=self.dtype, name="read_mlp")(
-        LayerNorm(name="read_mlp_ln", dtype=self.dtype)(z))
+    z = latent_mlp(self, z, "read_mlp", "read_mlp_ln", self.latent_mlp_ratio, dtype=self.dtype)
     for i in range(self.latent_layers):
       y = LatentSelfAttention(num_heads=self.latent_heads, dtype=self.dtype,
                               name=f"latent_attn_{i}", **kb)(z)
       z = z + DropPath(self.drop_path)(y, deterministic=deterministic)
-      y = MLP(self.latent_mlp_ratio, self.dropout, dtype=self.dtype,
-              name=f"latent_mlp_{i}")(LayerNorm(name=f"latent_mlp_ln_{i}", dtype=self.dtype)(z),
-                                       deterministic=deterministic)
-      z = z + DropPath(self.drop_path)(y, deterministic=deterministic)
+      scale = None
+      if not deterministic and self.drop_path:
+        scale = DropPath(self.drop_path).keep_scale(z.shape[0])
+      z = latent_mlp(self, z, f"latent_mlp_{i}", f"latent_mlp_ln_{i}",
+                     self.latent_mlp_ratio, dropout=self.dropout,
+                     branch_scale=scale, deterministic=deterministic, dtype=self.dtype)
     x = WriteBlock(num_heads=self.rw_heads, width=self.rw_width,
                    mlp_ratio=self.interface_mlp_ratio, name="write", **kb)(x, z)
     if self.conv_kernel_size:

@@ -287,16 +287,42 @@ class RINBlock(nnx.Module):
     c, rngs = self.config, _as_rngs(rngs)
     drop_path = lambda y: _random_leaf(layers.DropPath(c.drop_path), y, deterministic, rngs)
     z = self.read(z, x)
-    z = z + self.read_mlp(self.read_mlp_ln(z))
+    z = self._latent_mlp(z, "read_mlp", "read_mlp_ln", deterministic=True, rngs=None)
     for i in range(c.latent_layers):
       z = z + drop_path(getattr(self, f"latent_attn_{i}")(z))
-      y = getattr(self, f"latent_mlp_{i}")(getattr(self, f"latent_mlp_ln_{i}")(z),
-                                           deterministic=deterministic, rngs=rngs)
-      z = z + drop_path(y)
+      z = self._latent_mlp(z, f"latent_mlp_{i}", f"latent_mlp_ln_{i}",
+                           deterministic=deterministic, rngs=rngs)
     x = self.write(x, z)
     if c.conv_kernel_size:
       x = self.conv(x, deterministic=deterministic, rngs=rngs)
     return z, x
+
+  def _latent_mlp(self, z, name: str, ln_name: str, *, deterministic: bool, rngs):
+    """z + s * MLP(LN(z)) through kernels.latent_mlp_block, as rin.layers.latent_mlp: the
+    dropout seed and the drop-path scales drawn by the linen leaves' own methods."""
+    c, mlp, ln = self.config, getattr(self, name), getattr(self, ln_name)
+    rate, seed, scale = mlp.config.dropout, None, None
+    train = not deterministic
+    if train and (rate or c.drop_path) and rngs is None:
+      raise ValueError(f"RINBlock(dropout={rate}, drop_path={c.drop_path}) in train mode "
+                       "needs random numbers: pass rngs= (an nnx.Rngs with a 'dropout' "
+                       "stream, or a key)")
+    if train and rate:
+      seed = layers.Dropout(rate).apply({}, method=layers.Dropout.draw_seed,
+                                        rngs={"dropout": rngs.dropout()})
+    if train and c.drop_path and name != "read_mlp":
+      scale = layers.DropPath(c.drop_path).apply({}, z.shape[0],
+                                                 method=layers.DropPath.keep_scale,
+                                                 rngs={"dropout": rngs.dropout()})
+    params = kernels.LatentMLPParams(ln.scale[...], ln.bias[...], mlp.Dense_0.kernel[...],
+                                     mlp.Dense_0.bias[...], mlp.Dense_1.kernel[...],
+                                     mlp.Dense_1.bias[...])
+    if c.dtype is not None:
+      z = z.astype(c.dtype)
+    return kernels.latent_mlp_block(z, params, residual=True, branch_scale=scale,
+                                    dropout_rate=rate if seed is not None else 0.0,
+                                    dropout_seed=seed, implementation=c.implementation,
+                                    interpret=c.interpret, block_sizes=c.block_sizes)
 
   @staticmethod
   def _dims(params):

@@ -18,6 +18,16 @@ from kernels.pallas_tpu.latent import LatentBlockSizes, latent_attention_block
 from kernels.pallas_tpu.read import ReadBlockSizes, read_block
 from kernels.pallas_tpu.write import WriteBlockSizes, write_block
 
+
+def latent_mlp_block(z, p, *, residual=False, branch_scale=None, dropout_rate=0.0,
+                     dropout_seed=None, interpret=False, block_sizes=None):
+  """Composed for now: XLA's GEMMs and fusions (kernels/reference.py)."""
+  from kernels import reference
+  return reference.latent_mlp_block(z, p, residual=residual, branch_scale=branch_scale,
+                                    dropout_rate=dropout_rate, dropout_seed=dropout_seed)
+
+
 __all__ = ["AttentionBlockSizes", "BlockSizes", "LatentBlockSizes", "ReadBlockSizes",
            "WriteBlockSizes", "VMEM_LIMIT_BYTES",
-           "cross_attention", "latent_attention_block", "read_block", "write_block"]
+           "cross_attention", "latent_attention_block", "latent_mlp_block", "read_block",
+           "write_block"]

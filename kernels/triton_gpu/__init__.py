@@ -77,5 +77,16 @@ def latent_attention_block(z, p, *, num_heads, residual=False, interpret=False,
                                           precision=precision, attention=attn)
 
 
-__all__ = ["BlockSizes", "cross_attention", "latent_attention_block", "read_block",
+def latent_mlp_block(z, p, *, residual=False, branch_scale=None, dropout_rate=0.0,
+                     dropout_seed=None, interpret=False, block_sizes=None, precision=None):
+  """Composed for now: XLA's GEMMs and fusions (kernels/reference.py)."""
+  from kernels import reference
+  _check_dtype("z", z.dtype)
+  return reference.latent_mlp_block(z, p, residual=residual, branch_scale=branch_scale,
+                                    dropout_rate=dropout_rate, dropout_seed=dropout_seed,
+                                    precision=precision)
+
+
+__all__ = ["BlockSizes", "cross_attention", "latent_attention_block", "latent_mlp_block",
+           "read_block",
            "write_block"]
