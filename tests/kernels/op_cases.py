@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels import reference, shapes
-from kernels.params import LatentAttentionParams, ReadBlockParams, WriteBlockParams
+from kernels.params import (LatentAttentionParams, LatentMLPParams, ReadBlockParams,
+                            WriteBlockParams)
 
 # The comparison rule (assert_close): per value, |got - want| <= tol * (|want| + rms of
 # that leaf), and per leaf rms(got - want) <= tol * rms(want): a leaf off by tol or more
@@ -134,6 +135,29 @@ def latent_inputs(seed, batch, m, d, width, dtype):
   return (z, latent_params(ks[1], d, width, dtype)), _normal(ks[2], z.shape, 1.0, jnp.float32)
 
 
+def mlp_params(key, d, hidden, dtype) -> LatentMLPParams:
+  ks = iter(jax.random.split(key, 6))
+  n = lambda s, sc: _normal(next(ks), s, sc, dtype)
+  return LatentMLPParams(ln_scale=1 + n((d,), 0.1), ln_bias=n((d,), 0.1),
+                         w1=n((d, hidden), d ** -0.5), b1=n((hidden,), 0.1),
+                         w2=n((hidden, d), hidden ** -0.5), b2=n((d,), 0.1))
+
+
+def mlp_inputs(seed, batch, m, d, hidden, dtype):
+  """(z, params), cotangent for the output of a latent MLP block."""
+  ks = jax.random.split(jax.random.PRNGKey(seed), 3)
+  z = _normal(ks[0], (batch, m, d), 1.0, dtype)
+  return (z, mlp_params(ks[1], d, hidden, dtype)), _normal(ks[2], z.shape, 1.0, jnp.float32)
+
+
+# The latent MLP's train-mode extras, as the model passes them: drop-path scales (one
+# example dropped, the rest at 1/keep) and a dropout seed.
+def mlp_train_kw(batch, rate=0.1):
+  scale = jnp.where(jnp.arange(batch) == batch - 1, 0.0, 1.0 / 0.9).astype(jnp.float32)
+  return dict(residual=True, branch_scale=scale, dropout_rate=rate,
+              dropout_seed=jnp.array([0x1234567, 0x89ABCDE], jnp.uint32))
+
+
 def block_inputs(seed, direction, batch, m, d, n, t, width, hidden, dtype):
   """(queries' source, kv source, params), cotangent for the output (hidden: the write
   block's MLP width, 0: none)."""
@@ -169,7 +193,8 @@ def oracle(op, args, ct, **kw):
   fn = {"attention": lambda q, k, v: reference.cross_attention(q, k, v, precision="highest"),
         "read": lambda z, x, p: reference.read_block(z, x, p, **kw),
         "write": lambda x, z, p: reference.write_block(x, z, p, **kw),
-        "latent": lambda z, p: reference.latent_attention_block(z, p, **kw)}[op]
+        "latent": lambda z, p: reference.latent_attention_block(z, p, **kw),
+        "mlp": lambda z, p: reference.latent_mlp_block(z, p, **kw)}[op]
   return value_and_grads(fn, to64(args), to64(ct))
 
 
@@ -190,7 +215,8 @@ def xla_bf16(op, args, ct, dtype, **kw):
   fn = {"attention": reference.cross_attention,
         "read": lambda z, x, p: reference.read_block(z, x, p, **kw),
         "write": lambda x, z, p: reference.write_block(x, z, p, **kw),
-        "latent": lambda z, p: reference.latent_attention_block(z, p, **kw)}[op]
+        "latent": lambda z, p: reference.latent_attention_block(z, p, **kw),
+        "mlp": lambda z, p: reference.latent_mlp_block(z, p, **kw)}[op]
   return value_and_grads(fn, args, ct)
 
 
@@ -301,6 +327,22 @@ def check_latent(fn, shape, dtype, *, backend, seed=0, residual=False, what=""):
   assert_close(out, want_out, tol=tolerance(backend, dtype), what=what + "forward", xla=xo)
   assert_close(grads, want_grads, tol=tolerance(backend, dtype, grad=True),
                what=what + "grad", zero_scaled_by={".bk": ".wk"}, xla=xg)
+
+
+def check_mlp(fn, shape, dtype, *, backend, seed=0, what="", **kw):
+  """fn(z, params) of a latent MLP block at shape (batch, m, d, hidden) against the oracle
+  (fn closes over kw: residual, branch_scale, dropout_rate, dropout_seed, passed here too so
+  the oracle computes the same function)."""
+  batch, m, d, hidden = shape
+  args, ct = mlp_inputs(seed, batch, m, d, hidden, dtype)
+  out, grads = value_and_grads(fn, args, ct)
+  want_out, want_grads = oracle("mlp", args, ct, **kw)
+  xo, xg = xla_bf16("mlp", args, ct, dtype, **kw)
+  assert out.dtype == jnp.dtype(dtype) and out.shape == args[0].shape, (out.dtype, out.shape)
+  what = f"{what}latent_mlp_block{tuple(shape)} {jnp.dtype(dtype).name}: "
+  assert_close(out, want_out, tol=tolerance(backend, dtype), what=what + "forward", xla=xo)
+  assert_close(grads, want_grads, tol=tolerance(backend, dtype, grad=True),
+               what=what + "grad", xla=xg)
 
 
 def check_op(impl_fn, o: shapes.OpShape, dtype, *, backend, batch=1, seed=0):

@@ -109,6 +109,71 @@ def test_latent_attention_block_param_errors():
     kernels.latent_attention_block(z.astype(jnp.int32), lp, num_heads=2)
 
 
+def _np_mlp(z, p, residual=False, branch_scale=None, dropout_rate=0.0, dropout_seed=None):
+  """The latent MLP in float64 NumPy, its dropout mask from an independent uint32 NumPy
+  murmur3 finaliser over the flat index (not kernels.reference's jnp code)."""
+  from scipy.special import erf
+  p = {k: np.asarray(v, np.float64) for k, v in p._asdict().items()}
+  z = np.asarray(z, np.float64)
+  h = _np_ln(z, p["ln_scale"], p["ln_bias"]) @ p["w1"] + p["b1"]
+  h = 0.5 * h * (1 + erf(h / np.sqrt(2)))
+  if dropout_rate:
+    def mix(x):
+      x = x ^ (x >> np.uint32(16)); x = x * np.uint32(0x85EBCA6B)
+      x = x ^ (x >> np.uint32(13)); x = x * np.uint32(0xC2B2AE35)
+      return x ^ (x >> np.uint32(16))
+    s0, s1 = (np.uint32(v) for v in np.asarray(dropout_seed))
+    with np.errstate(over="ignore"):
+      idx = np.arange(h.size, dtype=np.uint32).reshape(h.shape)
+      bits = mix(mix(idx * np.uint32(0x9E3779B9) + s0) ^ s1)
+    thr = min(int(round((1 - dropout_rate) * 2 ** 32)), 2 ** 32 - 1)
+    h = np.where(bits < np.uint32(thr), h * (2 ** 32 / thr), 0.0)
+  y = h @ p["w2"] + p["b2"]
+  if branch_scale is not None:
+    y = y * np.asarray(branch_scale, np.float64)[:, None, None]
+  return (z if residual else 0.0) + y
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_reference_latent_mlp_block_matches_numpy_float64(train):
+  (z, p), _ = op_cases.mlp_inputs(5, 3, 9, 24, 56, jnp.float32)
+  kw = op_cases.mlp_train_kw(3, rate=0.3) if train else {}
+  out = kernels.latent_mlp_block(z, p, implementation="xla", **kw)
+  want = _np_mlp(z, p, **kw)
+  op_cases.assert_close(out, want, tol=20 * op_cases.tolerance("xla", jnp.float32),
+                        what="latent_mlp")
+  if train:   # one example's branch dropped: it passes z through exactly
+    np.testing.assert_array_equal(np.asarray(out[-1]), np.asarray(z[-1]))
+    dropped = np.mean(np.asarray(_np_mlp(z, p, dropout_rate=0.3,
+                                         dropout_seed=kw["dropout_seed"]) != _np_mlp(z, p)))
+    assert dropped > 0.9     # the rate changes every output (a hidden unit per row drops)
+
+
+def test_latent_mlp_block_xla_against_the_float64_oracle(float64_oracle):
+  for kw in ({}, dict(residual=True), op_cases.mlp_train_kw(2)):
+    op_cases.check_mlp(lambda z, p: kernels.latent_mlp_block(z, p, implementation="xla", **kw),
+                       (2, 7, 24, 40), jnp.float32, backend="xla", **kw)
+
+
+def test_latent_mlp_block_param_errors():
+  (z, p), _ = op_cases.mlp_inputs(0, 2, 4, 16, 32, jnp.float32)
+  with pytest.raises(ValueError, match=r"params.w2 must have shape \(32, 16\)"):
+    kernels.latent_mlp_block(z, p._replace(w2=jnp.zeros((32, 15))))
+  with pytest.raises(ValueError, match="z must have rank 3"):
+    kernels.latent_mlp_block(z[0], p)
+  with pytest.raises(TypeError, match="LatentMLPParams"):
+    kernels.latent_mlp_block(z, dict(p._asdict()))
+  with pytest.raises(ValueError, match=r"branch_scale \(one scale per batch element\) must "
+                     r"have shape \(2,\)"):
+    kernels.latent_mlp_block(z, p, branch_scale=jnp.ones((3,)))
+  with pytest.raises(ValueError, match=r"dropout_rate must be a number in \[0, 1\)"):
+    kernels.latent_mlp_block(z, p, dropout_rate=1.0, dropout_seed=jnp.zeros(2, jnp.uint32))
+  with pytest.raises(ValueError, match="needs dropout_seed"):
+    kernels.latent_mlp_block(z, p, dropout_rate=0.1)
+  with pytest.raises(ValueError, match=r"dropout_seed must be uint32\[2\]"):
+    kernels.latent_mlp_block(z, p, dropout_rate=0.1, dropout_seed=jnp.zeros(3, jnp.uint32))
+
+
 def test_reference_is_float64_exact_under_x64():
   with jax.enable_x64(True):
     (q, k, v), _ = op_cases.attention_inputs(3, 1, 5, 11, 2, 16, jnp.float64)
